@@ -1,0 +1,71 @@
+"""CAA, class-aware attention-based affinity (SPEC 4): attention -> Sinkhorn -> symmetric
+square transition matrix; box masks from CAMs; column-masked refinement."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+
+def mean_attention(attentions: list[torch.Tensor], last: int = 8) -> torch.Tensor:
+    """Head-averaged maps, each (B, 1+n, 1+n), of consecutive blocks -> mean of the ``last`` ones with
+    the CLS row and column dropped, float32 (B, n, n)."""
+    w = torch.stack(attentions[-last:])
+    return w.to(torch.float64 if w.dtype == torch.float64 else torch.float32).mean(dim=0)[:, 1:, 1:]
+
+
+def sinkhorn(w: torch.Tensor, rounds: int = 3) -> torch.Tensor:
+    """(..., n, n) -> same shape: ``rounds`` times divide each column by its sum, then each row."""
+    for _ in range(rounds):
+        w = w / w.sum(dim=-2, keepdim=True)
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w
+
+
+def transition_matrix(w: torch.Tensor, rounds: int = 3, power: int = 2) -> torch.Tensor:
+    """Attention (..., n, n) -> CAA transition A = ((D + Dᵀ)/2)^power with D = sinkhorn(w)."""
+    d = sinkhorn(w, rounds)
+    a = (d + d.transpose(-2, -1)) / 2
+    out = a
+    for _ in range(power - 1):
+        out = out @ a
+    return out
+
+
+def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
+    """Box mask (h, w) float32 in {0, 1} from one CAM (h, w) at patch resolution (SPEC 4.5).
+
+    u = uint8(255 * cam) (truncation), binary where u > int(threshold * max u), one box per contour
+    (RETR_TREE, nested ones too), box end clipped to size - 1 and filled half-open, so the last
+    row and column are never inside; no contour gives an empty mask.
+    """
+    h, w = cam.shape
+    u = (cam * 255).astype(np.uint8)
+    _, binary = cv2.threshold(u, int(threshold * u.max()), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    mask = np.zeros((h, w), np.float32)
+    for contour in contours:
+        x, y, bw, bh = cv2.boundingRect(contour)
+        mask[y:min(y + bh, h - 1), x:min(x + bw, w - 1)] = 1
+    return mask
+
+
+def box_masks(cams: np.ndarray, threshold: float) -> np.ndarray:
+    """(K, h, w) CAMs -> (K, h, w) box masks."""
+    return np.stack([box_mask(c, threshold) for c in cams]) if len(cams) else np.zeros_like(cams)
+
+
+def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-map (x - min) / (eps + max(x - min)) over the last two dims of (..., h, w)."""
+    x = x - x.amin(dim=(-2, -1), keepdim=True)
+    return x / (eps + x.amax(dim=(-2, -1), keepdim=True))
+
+
+def refine(trans: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Column-masked propagation R_i = Σ_k A_ik B_k M_k per class, then min-max (SPEC 4.6-4.7).
+
+    trans (n, n), cams (K, h, w), masks (K, h, w) -> (K, h, w) float32 in [0, 1].
+    """
+    K, h, w = cams.shape
+    r = (trans @ (masks * cams).reshape(K, h * w).t()).t().reshape(K, h, w)
+    return minmax(r)

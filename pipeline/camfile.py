@@ -1,0 +1,50 @@
+"""The CAM file contract shared by the CAM stage (writer) and later stages (readers).
+
+``<out>/<image_id>.npz`` holds:
+  - ``keys``       int64 (K,)      0-based foreground class ids, in label order
+  - ``cams``       float32 (K,h,w) CAA-refined CAMs at patch resolution, each min-max normalised
+  - ``image_size`` int64 (2,)      original (H, W)
+  - ``cams_init``  float32 (K,h,w) GradCAM maps before CAA (only with ``--save-init``)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .io import load_npz, save_npz
+
+REQUIRED = ("keys", "cams", "image_size")
+
+
+def save_cams(path: str | Path, keys: np.ndarray, cams: np.ndarray, image_size: tuple[int, int],
+              cams_init: np.ndarray | None = None) -> None:
+    arrays = {"keys": np.asarray(keys, np.int64), "cams": np.asarray(cams, np.float32),
+              "image_size": np.asarray(image_size, np.int64)}
+    if cams_init is not None:
+        arrays["cams_init"] = np.asarray(cams_init, np.float32)
+    save_npz(path, arrays)
+
+
+def load_cams(path: str | Path) -> dict[str, np.ndarray]:
+    """Read and validate a CAM file; ``ValueError`` names the file and what is wrong."""
+    d = load_npz(path)
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"{path}: not a CAM file (missing {', '.join(missing)}); re-run `make cams`")
+    keys, cams, size = d["keys"], d["cams"], d["image_size"]
+    if cams.ndim != 3 or keys.shape != (cams.shape[0],) or size.shape != (2,):
+        raise ValueError(f"{path}: inconsistent shapes keys {keys.shape}, cams {cams.shape}, image_size {size.shape}")
+    return d
+
+
+def upsample_cams(cams: np.ndarray, image_size: tuple[int, int], dtype=np.float16) -> np.ndarray:
+    """Patch-resolution CAMs (K, h, w) -> original resolution (K, H, W) as SPEC 4.7-4.8 does it:
+    OpenCV INTER_LINEAR resize (half-pixel centres) of each normalised map, stacked and cast to
+    ``dtype`` (float16 like the reference's files; pass np.float32 to skip that rounding)."""
+    H, W = (int(v) for v in image_size)
+    out = np.empty((cams.shape[0], H, W), np.float32)
+    for k, cam in enumerate(np.asarray(cams, np.float32)):
+        out[k] = cv2.resize(cam, (W, H), interpolation=cv2.INTER_LINEAR)
+    return out.astype(dtype, copy=False)

@@ -1,0 +1,272 @@
+"""Datasets: where images, image-level labels and ground-truth masks live (VOC, COCO, folder).
+
+Each dataset maps an image id to an image path, its foreground labels (0-based ids, in the order
+the reference reads them) and, when present, a ground-truth mask (0 bg, c + 1 class c, 255 ignore).
+Problems with one image raise ``SampleError`` naming the file, so a stage can log it and go on.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .classes import DATA_DIR, IGNORE_INDEX, ClassList, builtin
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class SampleError(ValueError):
+    """One image's inputs are unusable; the message names the file and the fix."""
+
+
+def _first_existing(candidates: list[Path]) -> Path | None:
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids from a list file: first whitespace-separated token of each non-empty, non-# line.
+    Accepts 'JPEGImages/x.jpg ...' style lines too (the id is the file stem)."""
+    path = Path(path)
+    ids = []
+    for line in path.read_text().splitlines():
+        tok = line.split()
+        if tok and not tok[0].startswith("#"):
+            ids.append(Path(tok[0]).stem if "/" in tok[0] or "." in Path(tok[0]).suffix else tok[0])
+    return ids
+
+
+def read_labels_file(path: str | Path, classes: ClassList) -> dict[str, list[int]]:
+    """Image-level labels from a file, in file order per image (duplicates dropped).
+
+    Formats: JSON ``{id: [name or index, ...]}``; CSV ``id,label[,label...]`` (a cell may hold several
+    labels separated by ';' or '|'; a header row starting with 'id' is skipped); or text lines
+    ``<id> <label> <label> ...`` (CLIP-ES ``coco14/train.txt``: 0-based indices).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels file not found")
+    rows: list[tuple[str, list[str]]] = []
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from e
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a JSON object mapping image id -> list of class names")
+        rows = [(str(k), [str(x) for x in (v if isinstance(v, list) else [v])]) for k, v in doc.items()]
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            for i, rec in enumerate(csv.reader(f)):
+                if not rec or (i == 0 and rec[0].strip().lower() in ("id", "image", "image_id")):
+                    continue
+                cells = [t.strip() for c in rec[1:] for t in c.replace("|", ";").split(";")]
+                rows.append((rec[0].strip(), [c for c in cells if c]))
+    else:
+        for line in path.read_text().splitlines():
+            tok = line.split()
+            if tok and not tok[0].startswith("#"):
+                rows.append((tok[0], tok[1:]))
+    out: dict[str, list[int]] = {}
+    for image_id, names in rows:
+        ids: list[int] = []
+        for n in names:
+            try:
+                c = classes.index(n)
+            except KeyError as e:
+                raise SampleError(f"{path}: image {image_id}: {e.args[0]}") from None
+            if c not in ids:
+                ids.append(c)
+        out[image_id] = ids
+    return out
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
+    """Ascending foreground ids present in a label map (WeCLIP's rule; 0 and 255 excluded)."""
+    vals = np.unique(mask)
+    return [int(v) - 1 for v in vals if 0 < v <= num_classes]
+
+
+def read_mask(path: Path, num_classes: int) -> np.ndarray:
+    """Ground-truth label map as uint8 (H, W): palette index or gray value; checks the value range."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise SampleError(f"{path}: ground-truth mask has mode {im.mode}; expected a palette or 8-bit gray PNG")
+            mask = np.asarray(im, dtype=np.uint8).copy()
+    except OSError as e:
+        raise SampleError(f"{path}: cannot decode mask ({e})") from e
+    bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(num_classes + 1), IGNORE_INDEX])
+    if bad.size:
+        raise SampleError(f"{path}: mask values {bad.tolist()} are outside 0..{num_classes} and {IGNORE_INDEX}")
+    return mask
+
+
+class Dataset:
+    """Common interface; subclasses say where files are."""
+
+    name = "dataset"
+
+    def __init__(self, root: str | Path, classes: ClassList, labels_file: str | Path | None = None):
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: dataset root not found (pass ROOT=/path/to/{self.name} data)")
+        self.classes = classes
+        self._labels = read_labels_file(labels_file, classes) if labels_file else None
+
+    # -- to override -------------------------------------------------------------------------
+    def image_path(self, image_id: str) -> Path:
+        raise NotImplementedError
+
+    def mask_path(self, image_id: str) -> Path | None:
+        """Ground-truth mask path, or None when the dataset has none for this image."""
+        return None
+
+    def _own_labels(self, image_id: str) -> list[int]:
+        mask = self.mask_path(image_id)
+        if mask is None:
+            raise SampleError(f"{self.name} image {image_id}: no labels file entry and no ground-truth mask to read labels from")
+        return labels_from_mask(read_mask(mask, self.classes.num_classes), self.classes.num_classes)
+
+    def default_ids(self, split: str) -> list[str]:
+        raise FileNotFoundError(f"no shipped split {split!r} for {self.name}; pass a path to a list of image ids")
+
+    # -- shared ------------------------------------------------------------------------------
+    def ids(self, split: str) -> list[str]:
+        """Ids of ``split``: a path to an id list, a list shipped in data/splits/<dataset>/, or the
+        dataset's own listing."""
+        p = Path(split).expanduser()
+        if p.is_file():
+            ids = read_id_list(p)
+        else:
+            shipped = DATA_DIR / "splits" / self.name / f"{split}.txt"
+            ids = read_id_list(shipped) if shipped.is_file() else self.default_ids(split)
+        if not ids:
+            raise ValueError(f"split {split!r} of {self.name} has no image ids")
+        return list(dict.fromkeys(ids))
+
+    def labels(self, image_id: str) -> list[int]:
+        """Foreground labels of an image, 0-based, in the reference's order; never empty."""
+        if self._labels is not None:
+            if image_id not in self._labels:
+                raise SampleError(f"image {image_id}: not in the labels file; add a line for it or drop it from the split")
+            labels = self._labels[image_id]
+        else:
+            labels = self._own_labels(image_id)
+        if not labels:
+            raise SampleError(f"image {image_id}: has no foreground labels; CAMs need at least one class (drop it from the split)")
+        return labels
+
+
+class VOCDataset(Dataset):
+    """VOC2012 layout: JPEGImages/, Annotations/ (labels from <object><name>, first appearance
+    order, difficult objects included, as CLIP-ES), SegmentationClassAug/ or SegmentationClass/."""
+
+    name = "voc"
+
+    def __init__(self, root, classes: ClassList | None = None, labels_file=None):
+        super().__init__(root, classes or builtin("voc"), labels_file)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def mask_path(self, image_id: str) -> Path | None:
+        return _first_existing([self.root / d / f"{image_id}.png" for d in ("SegmentationClassAug", "SegmentationClass")])
+
+    def _own_labels(self, image_id: str) -> list[int]:
+        xml = self.root / "Annotations" / f"{image_id}.xml"
+        if not xml.is_file():
+            raise SampleError(f"{xml}: annotation not found; provide it or pass a labels file (--labels)")
+        try:
+            tree = ET.parse(xml)
+        except ET.ParseError as e:
+            raise SampleError(f"{xml}: malformed XML ({e})") from e
+        labels: list[int] = []
+        for obj in tree.getroot().iter("object"):
+            name = (obj.findtext("name") or "").strip()
+            try:
+                c = self.classes.index(name)
+            except KeyError as e:
+                raise SampleError(f"{xml}: {e.args[0]}") from None
+            if c not in labels:
+                labels.append(c)
+        return labels
+
+
+class COCODataset(Dataset):
+    """COCO 2014 in VOC style: JPEGImages/[<split>2014/]<id>.jpg (or <split>2014/ directly),
+    SegmentationClass/[<split>2014/]<id>.png; labels from a labels file (CLIP-ES format) or masks."""
+
+    name = "coco"
+
+    def __init__(self, root, classes: ClassList | None = None, labels_file=None):
+        super().__init__(root, classes or builtin("coco"), labels_file)
+
+    @staticmethod
+    def _subset(image_id: str) -> str:
+        return "val2014" if "val2014" in image_id else "train2014"
+
+    def image_path(self, image_id: str) -> Path:
+        sub = self._subset(image_id)
+        cands = [self.root / "JPEGImages" / sub / f"{image_id}.jpg", self.root / "JPEGImages" / f"{image_id}.jpg",
+                 self.root / sub / f"{image_id}.jpg"]
+        return _first_existing(cands) or cands[0]
+
+    def mask_path(self, image_id: str) -> Path | None:
+        sub = self._subset(image_id)
+        return _first_existing([self.root / "SegmentationClass" / sub / f"{image_id}.png",
+                                self.root / "SegmentationClass" / f"{image_id}.png"])
+
+    def default_ids(self, split: str) -> list[str]:
+        if self._labels is not None:
+            return list(self._labels)
+        for d in (self.root / "JPEGImages" / f"{split}2014", self.root / f"{split}2014"):
+            if d.is_dir():
+                return sorted(p.stem for p in d.glob("*.jpg"))
+        return super().default_ids(split)
+
+
+class FolderDataset(Dataset):
+    """A folder of images (any common extension, found recursively by file stem) with a labels file
+    (CSV or JSON: image id -> class names) and a class YAML; optional masks folder of <id>.png."""
+
+    name = "folder"
+
+    def __init__(self, root, classes: ClassList, labels_file, masks: str | Path | None = None):
+        if labels_file is None:
+            raise ValueError("the folder dataset needs a labels file (--labels labels.csv|labels.json)")
+        super().__init__(root, classes, labels_file)
+        self.masks = Path(masks).expanduser() if masks else None
+        self._paths: dict[str, Path] = {}
+        for p in sorted(self.root.rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+                key = str(p.relative_to(self.root).with_suffix(""))
+                self._paths.setdefault(key, p)
+                self._paths.setdefault(p.stem, p)
+
+    def image_path(self, image_id: str) -> Path:
+        return self._paths.get(image_id, self.root / f"{image_id}.jpg")
+
+    def mask_path(self, image_id: str) -> Path | None:
+        return _first_existing([self.masks / f"{image_id}.png"]) if self.masks else None
+
+    def default_ids(self, split: str) -> list[str]:
+        return list(self._labels or {})
+
+
+def build_dataset(name: str, root: str | Path, classes: str | Path | None = None,
+                  labels: str | Path | None = None, masks: str | Path | None = None) -> Dataset:
+    """Dataset by name ('voc', 'coco', 'folder'); ``classes`` is a class YAML (required for folder)."""
+    vocab = ClassList.from_yaml(classes) if classes else None
+    if name == "voc":
+        return VOCDataset(root, vocab, labels)
+    if name == "coco":
+        return COCODataset(root, vocab, labels)
+    if name == "folder":
+        if vocab is None:
+            raise ValueError("the folder dataset needs a class list (--classes classes.yaml, see data/voc.yaml)")
+        return FolderDataset(root, vocab, labels, masks)
+    raise ValueError(f"unknown dataset {name!r}; choose voc, coco or folder")

@@ -1,0 +1,86 @@
+"""The one image loader and CLIP-ES preprocessing (SPEC 1.2).
+
+Loading is strict (a truncated file is an error, not a grey half-image) and normalises the odd
+formats users have: palette, CMYK, RGBA, 16-bit and float images, optional EXIF orientation.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH = 16
+# ViT-B/16 at this many patches needs ~1 GB for one block's attention; larger images are scaled down.
+DEFAULT_MAX_PATCHES = 4096
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None  # huge images are handled by downscaling, not refused
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the fix."""
+
+
+def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:
+    """Decode ``path`` fully. Keeps the native mode (the reference resizes before converting to RGB),
+    except that 16-bit and float images are mapped to 8-bit 'L' first (PIL would clip them to white).
+
+    ``exif_transpose`` applies the EXIF orientation. Off by default: VOC/COCO annotations and masks
+    are aligned with the stored pixel array, which is what the reference reads.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if exif_transpose:
+                im = ImageOps.exif_transpose(im)
+            img = im.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot decode image ({e}); re-download or re-encode the file") from e
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
+    if img.width < 1 or img.height < 1:
+        raise ImageError(f"{path}: image has no pixels")
+    return img
+
+
+def target_size(height: int, width: int, max_patches: int = DEFAULT_MAX_PATCHES) -> tuple[int, int]:
+    """Model input size (h', w'): each side rounded up to a multiple of 16 (SPEC 1.2), after a uniform
+    downscale when the patch grid would exceed ``max_patches``."""
+    def grid(scale: float) -> tuple[int, int]:
+        return max(1, math.ceil(scale * height / PATCH)), max(1, math.ceil(scale * width / PATCH))
+
+    scale = 1.0
+    gh, gw = grid(scale)
+    if gh * gw > max_patches:
+        scale = math.sqrt(max_patches / (height * width / PATCH**2))
+        gh, gw = grid(scale)
+        while gh * gw > max_patches:
+            scale *= 0.99
+            gh, gw = grid(scale)
+    return gh * PATCH, gw * PATCH
+
+
+def preprocess(img: Image.Image, size: tuple[int, int], exact: bool = True) -> torch.Tensor:
+    """PIL bicubic resize to ``size`` = (h', w'), RGB, /255, CLIP normalisation -> float32 (3, h', w').
+
+    ``exact`` resizes in the native mode and converts to RGB afterwards, as the reference does (PIL
+    then resamples palette images with nearest neighbour); otherwise RGB conversion comes first.
+    """
+    h, w = size
+    if not exact:
+        img = img.convert("RGB")
+    img = img.resize((w, h), Image.BICUBIC).convert("RGB")
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return x.sub_(mean).div_(std)

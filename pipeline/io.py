@@ -1,0 +1,158 @@
+"""Files: atomic writes, deterministic npz, run manifests and per-image error logs.
+
+Every stage writes through these helpers so that a killed run never leaves a half-written
+file, a re-run can tell finished work from stale work, and nothing needs pickle to read.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.json"
+# Fixed zip member timestamp: identical arrays give byte-identical .npz files.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class StaleOutputError(RuntimeError):
+    """An output folder holds results made with another configuration."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temp file next to ``path``; on success fsync and rename it onto ``path``.
+
+    On any exception the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise arrays as an uncompressed .npz (readable with ``allow_pickle=False``)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            if arr.dtype.hasobject:
+                raise TypeError(f"array {name!r} has dtype object; refusing to pickle")
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), member.getvalue())
+    return buf.getvalue()
+
+
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Atomically write ``arrays`` to ``path`` as a deterministic .npz."""
+    write_bytes(path, npz_bytes(arrays))
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read every array of an .npz without pickle; raises ``ValueError`` naming the file if corrupt."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
+        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {e}); delete it and re-run the stage") from e
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """``git describe`` of the checkout this code runs from, or 'unknown' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], overwrite: bool = False) -> bool:
+    """Refuse to mix outputs: compare ``config`` with ``<out_dir>/manifest.json``.
+
+    Returns True when the folder already holds outputs of this very config (resume), False when it
+    is new or ``overwrite`` allows replacing a different config. Raises ``StaleOutputError`` otherwise.
+    """
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text()).get("config")
+    except (OSError, ValueError) as e:
+        if overwrite:
+            return False
+        raise StaleOutputError(f"{path}: unreadable manifest ({e}); pass --overwrite to start this folder afresh") from e
+    new = json.loads(json.dumps(dict(config), sort_keys=True, default=_json_default))
+    if old == new:
+        return True
+    if overwrite:
+        return False
+    diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+    raise StaleOutputError(
+        f"{out_dir} holds outputs made with a different configuration (differs in: {', '.join(diff)}). "
+        "Use another --out folder, or pass --overwrite to replace them.")
+
+
+def write_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], **extra: Any) -> None:
+    """Write ``<out_dir>/manifest.json`` with the config that made the outputs plus ``extra`` fields."""
+    write_json(Path(out_dir) / MANIFEST, {"config": dict(config), "code_version": code_version(), **extra})
+
+
+def write_errors(out_dir: str | os.PathLike, errors: Mapping[str, str]) -> None:
+    """Write ``<out_dir>/errors.json`` ({image_id: message}); remove it when there are none."""
+    path = Path(out_dir) / ERRORS
+    if errors:
+        write_json(path, dict(sorted(errors.items())))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

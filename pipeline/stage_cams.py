@@ -1,0 +1,235 @@
+"""The CAM stage: a dataset split -> one ``<out>/<image_id>.npz`` per image (see ``camfile``).
+
+Resumable (finished images are skipped), refuses to mix configurations (``manifest.json``),
+logs per-image failures to ``errors.json`` while the rest completes, shards by rank under
+``torchrun``, and batches same-size images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
+
+from .cam import CAMConfig, CAMEngine
+from .camfile import save_cams
+from .clip import load_clip
+from .datasets import Dataset, SampleError, build_dataset
+from .image import DEFAULT_MAX_PATCHES, ImageError, load_image, preprocess, target_size
+from .io import check_manifest, sha256_file, write_errors, write_json, write_manifest
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class CamsConfig:
+    """Everything the CAM stage needs; see ``stages/cams.py`` for the flags."""
+
+    dataset: str
+    root: str
+    split: str
+    clip: str
+    out: str
+    classes: str | None = None        # class YAML (required for 'folder')
+    labels: str | None = None         # labels file (VOC: else Annotations/*.xml)
+    masks: str | None = None          # folder dataset: ground-truth masks
+    save_init: bool = False
+    device: str = "auto"
+    precision: str = "auto"           # fp32 on CPU, fp16 on CUDA (as the reference)
+    batch_size: int = 0               # 0: 1 on CPU, 16 on CUDA
+    workers: int = 2
+    overwrite: bool = False
+    exact: bool = True                # reproduce reference quirks (SPEC 10)
+    max_patches: int = DEFAULT_MAX_PATCHES
+    exif_transpose: bool = False
+    box_threshold: float | None = None  # default: the class list's (VOC 0.4, COCO 0.7)
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def resolve_device(device: str, precision: str, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if precision == "auto":
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
+    return dev, PRECISIONS[precision]
+
+
+class _Images(TorchDataset):
+    """Loads and preprocesses one image per item; failures become records, not exceptions."""
+
+    def __init__(self, data: Dataset, ids: list[str], cfg: CamsConfig):
+        self.data, self.ids, self.cfg = data, ids, cfg
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_id = self.ids[i]
+        try:
+            labels = self.data.labels(image_id)
+            img = load_image(self.data.image_path(image_id), self.cfg.exif_transpose)
+            size = target_size(img.height, img.width, self.cfg.max_patches)
+            return {"id": image_id, "labels": labels, "image_size": (img.height, img.width),
+                    "image": preprocess(img, size, self.cfg.exact)}
+        except (SampleError, ImageError, OSError, ValueError) as e:
+            return {"id": image_id, "error": str(e)}
+
+
+def _batches(items: Iterable[dict], batch_size: int, errors: dict[str, str]) -> Iterator[list[dict]]:
+    """Group loaded images by input size into batches of at most ``batch_size``; error records go to
+    ``errors``. Buffers a bounded number of images so mixed sizes still batch well."""
+    buckets: dict[tuple, list[dict]] = defaultdict(list)
+    buffered = 0
+    for item in items:
+        if "error" in item:
+            errors[item["id"]] = item["error"]
+            yield []  # let the caller advance its progress bar
+            continue
+        key = tuple(item["image"].shape)
+        buckets[key].append(item)
+        buffered += 1
+        if len(buckets[key]) == batch_size:
+            buffered -= batch_size
+            yield buckets.pop(key)
+        elif buffered >= 4 * batch_size:
+            key = max(buckets, key=lambda k: len(buckets[k]))
+            buffered -= len(buckets[key])
+            yield buckets.pop(key)
+    for batch in buckets.values():
+        yield batch
+
+
+def _dist_info() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def manifest_config(cfg: CamsConfig, data: Dataset, ckpt_sha: str, cam_cfg: CAMConfig, dtype: torch.dtype) -> dict:
+    """The settings that determine the numbers in the files (not where or how fast they were made)."""
+    c = data.classes
+    return {"stage": "cams", "dataset": cfg.dataset, "checkpoint_sha256": ckpt_sha,
+            "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
+            "classes": list(c.names), "prompts": list(c.prompts), "background": list(c.background),
+            "template": c.template, "cam": dataclasses.asdict(cam_cfg), "precision": str(dtype).removeprefix("torch."),
+            "max_patches": cfg.max_patches, "exif_transpose": cfg.exif_transpose, "save_init": cfg.save_init}
+
+
+def run_cams(cfg: CamsConfig, on_image: Callable[[str, dict], None] | None = None) -> Summary:
+    """Run the CAM stage. ``on_image(image_id, arrays)`` is called after each file is written."""
+    rank, world, local_rank = _dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device, dtype = resolve_device(cfg.device, cfg.precision, local_rank)
+    out = Path(cfg.out)
+    data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks)
+    ids = data.ids(cfg.split)
+    cam_cfg = CAMConfig(box_threshold=data.classes.box_threshold if cfg.box_threshold is None else cfg.box_threshold,
+                        exact=cfg.exact)
+    ckpt_sha = sha256_file(cfg.clip)
+    config = manifest_config(cfg, data, ckpt_sha, cam_cfg, dtype)
+    resume = check_manifest(out, config, cfg.overwrite)
+
+    _barrier(world)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".*.tmp"):  # left by a killed run
+            tmp.unlink(missing_ok=True)
+        if not resume:
+            for old in out.glob("*.npz"):
+                old.unlink()
+        write_manifest(out, config, status="running", checkpoint=str(Path(cfg.clip).resolve()))
+    _barrier(world)
+
+    model = load_clip(cfg.clip, device=device, dtype=dtype)
+    engine = CAMEngine(model, data.classes, cam_cfg)
+    shard = ids[rank::world]
+    todo = [i for i in shard if not (out / f"{i}.npz").exists()]
+    summary = Summary(total=len(shard), skipped=len(shard) - len(todo))
+    batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
+    loader = DataLoader(_Images(data, todo, cfg), batch_size=None, num_workers=cfg.workers,
+                        prefetch_factor=4 if cfg.workers else None)
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+               desc=f"cams {cfg.dataset}/{Path(cfg.split).name}")
+    for batch in _batches(loader, batch_size, summary.errors):
+        for item, result in _compute(engine, batch, device, dtype, summary.errors):
+            arrays = {"keys": item["labels"], "cams": result.cams, "image_size": item["image_size"]}
+            save_cams(out / f"{item['id']}.npz", cams_init=result.init if cfg.save_init else None, **arrays)
+            summary.written += 1
+            if on_image is not None:
+                on_image(item["id"], arrays)
+        bar.update(len(batch) or 1)
+        bar.set_postfix(failed=len(summary.errors), refresh=False)
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.failed = len(summary.errors)
+    _finish(out, config, cfg, summary, rank, world, ids)
+    return summary
+
+
+def _compute(engine: CAMEngine, batch: list[dict], device, dtype, errors: dict[str, str]):
+    """Yield (item, CAMResult); a batch that fails is retried image by image so one bad image
+    cannot take its batch mates down."""
+    if not batch:
+        return
+    try:
+        images = torch.stack([b["image"] for b in batch]).to(device=device, dtype=dtype)
+        yield from zip(batch, engine(images, [b["labels"] for b in batch]))
+        return
+    except (RuntimeError, ValueError) as e:
+        if len(batch) == 1:
+            errors[batch[0]["id"]] = f"CAM computation failed: {type(e).__name__}: {e}"
+            return
+    for item in batch:
+        yield from _compute(engine, [item], device, dtype, errors)
+
+
+def _finish(out: Path, config: dict, cfg: CamsConfig, summary: Summary, rank: int, world: int, ids: list[str]) -> None:
+    """Merge per-rank results; rank 0 writes errors.json and the final manifest."""
+    part = out / f".rank{rank}.json"
+    if world > 1:
+        write_json(part, {"errors": summary.errors})
+    _barrier(world)
+    if rank == 0:
+        errors = dict(summary.errors)
+        for r in range(1, world):
+            p = out / f".rank{r}.json"
+            errors.update(json.loads(p.read_text())["errors"])
+            p.unlink()
+        part.unlink(missing_ok=True)
+        write_errors(out, errors)
+        summary.errors, summary.failed = errors, len(errors)
+        done = sum((out / f"{i}.npz").exists() for i in ids)
+        write_manifest(out, config, status="complete" if done == len(ids) else "incomplete",
+                       checkpoint=str(Path(cfg.clip).resolve()),
+                       counts={"images": len(ids), "written": done, "failed": len(errors)})
+    _barrier(world)
+    if world > 1:
+        dist.destroy_process_group()

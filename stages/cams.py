@@ -1,0 +1,74 @@
+"""make cams: training-free CLIP-ES CAMs for a dataset split.
+
+    python -m stages.cams --dataset voc --root ~/data/VOC2012 --split train_aug --clip ~/models/ViT-B-16.pt
+    torchrun --nproc_per_node 4 -m stages.cams ...      # shards the images over 4 processes
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.clip import CheckpointError
+from pipeline.io import StaleOutputError
+from pipeline.stage_cams import CamsConfig, run_cams
+
+
+def parse_args(argv: list[str] | None = None) -> CamsConfig:
+    p = argparse.ArgumentParser(prog="python -m stages.cams", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["voc", "coco", "folder"])
+    p.add_argument("--root", required=True, help="dataset root (VOC2012 folder, COCO in VOC style, or an image folder)")
+    p.add_argument("--split", default=None,
+                   help="split shipped in data/splits/<dataset>/ (voc: train, train_aug, val) or a path to an id list; "
+                        "default: train_aug (voc), train (coco), every labelled image (folder)")
+    p.add_argument("--clip", required=True, help="OpenAI CLIP ViT checkpoint (ViT-B-16.pt) or a state_dict file")
+    p.add_argument("--out", default=None, help="output folder (default outputs/<dataset>/cams)")
+    p.add_argument("--classes", default=None, help="class list YAML (default data/<dataset>.yaml; required for folder)")
+    p.add_argument("--labels", default=None, help="image-level labels file: JSON/CSV id -> names, or '<id> <label>...' lines")
+    p.add_argument("--masks", default=None, help="folder dataset: folder of <id>.png ground-truth masks")
+    p.add_argument("--save-init", action="store_true", help="also store the GradCAM maps before CAA (cams_init)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="model precision (auto: fp16 on CUDA like the reference, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per forward, same-size images are grouped (0: auto)")
+    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs in --out made with another configuration or checkpoint, recomputing everything")
+    p.add_argument("--fixed", action="store_true",
+                   help="fix the reference's quirks (SPEC 10) instead of reproducing them: no fp16 host GradCAM "
+                        "arithmetic, no double block 12 for 76-patch images, RGB conversion before resizing")
+    p.add_argument("--max-patches", type=int, default=CamsConfig.max_patches,
+                   help="larger images are scaled down for the model to at most this many 16x16 patches")
+    p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: VOC/COCO masks use stored pixels)")
+    p.add_argument("--box-threshold", type=float, default=None, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    split = a.split or {"voc": "train_aug", "coco": "train", "folder": "all"}[a.dataset]
+    return CamsConfig(dataset=a.dataset, root=a.root, split=split, clip=a.clip, out=a.out or f"outputs/{a.dataset}/cams",
+                      classes=a.classes, labels=a.labels, masks=a.masks, save_init=a.save_init, device=a.device,
+                      precision=a.precision, batch_size=a.batch_size, workers=a.workers, overwrite=a.overwrite,
+                      exact=not a.fixed, max_patches=a.max_patches, exif_transpose=a.exif_transpose,
+                      box_threshold=a.box_threshold, progress=not a.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        s = run_cams(cfg)
+    except (StaleOutputError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rate = s.written / s.seconds if s.seconds else 0.0
+    print(f"cams: {s.written} written, {s.skipped} already done, {s.failed} failed, "
+          f"{s.seconds:.1f} s ({rate:.2f} img/s) -> {cfg.out}")
+    if s.failed:
+        shown = list(s.errors.items())[:5]
+        print(f"{s.failed} image(s) failed; see {cfg.out}/errors.json. First ones:", file=sys.stderr)
+        for image_id, msg in shown:
+            print(f"  {image_id}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""An independent re-statement of the CLIP-ES reference computation (SPEC 1-4), for parity tests
+and for the per-class-loop baseline of ``make bench``.
+
+Deliberately written the way the reference is, not the way ``pipeline`` is: OpenAI's
+sequence-first model built on ``nn.MultiheadAttention``, positional embedding re-interpolated on
+every forward, a forward hook on block 12's LN1 with a tensor hook for its gradient, one forward
+and backward of block 12 per class, numpy host arithmetic, Sinkhorn recomputed per class.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.tokenizer import tokenize
+
+
+class _LN(nn.LayerNorm):
+    def forward(self, x):  # fp32 for half inputs, as OpenAI's; float64 kept for the float64 checks
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return F.layer_norm(x.to(dt), self.normalized_shape, self.weight.to(dt), self.bias.to(dt), self.eps).to(x.dtype)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, mask: torch.Tensor | None = None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads)
+        self.ln_1, self.ln_2 = _LN(d), _LN(d)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(d, 4 * d))
+        self.mlp.add_module("gelu", _QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * d, d))
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):  # x (L, N, D)
+        y = self.ln_1(x)
+        out, w = self.attn(y, y, y, need_weights=True, attn_mask=self.mask)
+        x = x + out
+        return x + self.mlp(self.ln_2(x)), w
+
+
+class _QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ReferenceCLIP(nn.Module):
+    """OpenAI CLIP ViT with CLIP-ES's changes, loaded from an OpenAI state dict."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        vw = sd["visual.conv1.weight"].shape[0]
+        tw = sd["ln_final.weight"].shape[0]
+        nv = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
+        nt = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+        ctx = sd["positional_embedding"].shape[0]
+        self.patch = sd["visual.conv1.weight"].shape[-1]
+        self.conv1 = nn.Conv2d(3, vw, self.patch, self.patch, bias=False)
+        self.class_embedding = nn.Parameter(sd["visual.class_embedding"].float().clone())
+        self.register_buffer("vpos", sd["visual.positional_embedding"].float().clone())
+        self.ln_pre, self.ln_post = _LN(vw), _LN(vw)
+        self.vblocks = nn.ModuleList(_Block(vw, vw // 64) for _ in range(nv))
+        self.register_buffer("proj", sd["visual.proj"].float().clone())
+        mask = torch.full((ctx, ctx), float("-inf")).triu_(1)
+        self.tblocks = nn.ModuleList(_Block(tw, tw // 64, mask) for _ in range(nt))
+        self.token_embedding = nn.Embedding(sd["token_embedding.weight"].shape[0], tw)
+        self.register_buffer("tpos", sd["positional_embedding"].float().clone())
+        self.ln_final = _LN(tw)
+        self.register_buffer("text_projection", sd["text_projection"].float().clone())
+        self.register_buffer("logit_scale", sd["logit_scale"].float().clone())
+        self.full_depth_tokens = ctx  # the reference's "12 layers iff 77 tokens" test (SPEC 10.4)
+        own = {"conv1.weight": "visual.conv1.weight", "ln_pre.weight": "visual.ln_pre.weight",
+               "ln_pre.bias": "visual.ln_pre.bias", "ln_post.weight": "visual.ln_post.weight",
+               "ln_post.bias": "visual.ln_post.bias", "token_embedding.weight": "token_embedding.weight",
+               "ln_final.weight": "ln_final.weight", "ln_final.bias": "ln_final.bias"}
+        for name, p in self.named_parameters():
+            if name.startswith("vblocks."):
+                src = "visual.transformer.resblocks." + name[len("vblocks."):]
+            elif name.startswith("tblocks."):
+                src = "transformer.resblocks." + name[len("tblocks."):]
+            else:
+                src = own.get(name)
+            if src is not None:
+                p.data.copy_(sd[src].float())
+        self.requires_grad_(True)  # the reference's clip.load leaves parameters trainable
+
+    def upsample_pos_emb(self, h: int, w: int) -> torch.Tensor:
+        first, grid = self.vpos[:1], self.vpos[1:]
+        g = int(np.sqrt(grid.shape[0]))
+        grid = grid.permute(1, 0).view(1, -1, g, g)
+        grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        return torch.cat([first, grid.view(grid.shape[1], -1).permute(1, 0)], 0)
+
+    def encode_image(self, img: torch.Tensor):
+        h, w = img.shape[-2] // self.patch, img.shape[-1] // self.patch
+        x = self.conv1(img)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.upsample_pos_emb(h, w)
+        x = self.ln_pre(x).permute(1, 0, 2)
+        attns = []
+        with torch.no_grad():
+            layers = len(self.vblocks) if x.shape[0] == self.full_depth_tokens else len(self.vblocks) - 1
+            for blk in self.vblocks[:layers]:
+                x, a = blk(x)
+                attns.append(a)
+        return x, attns
+
+    def forward_last_layer(self, feats: torch.Tensor, text: torch.Tensor):
+        x, attn = self.vblocks[-1](feats)
+        x = self.ln_post(x.permute(1, 0, 2))
+        x = torch.mean(x[:, 1:, :], dim=1) @ self.proj
+        x = x / x.norm(dim=1, keepdim=True)
+        text = text / text.norm(dim=1, keepdim=True)
+        return (self.logit_scale.exp() * x @ text.t()).softmax(dim=-1), attn
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = (self.token_embedding(tokens) + self.tpos).permute(1, 0, 2)
+        for blk in self.tblocks:
+            x = blk(x)[0]
+        x = self.ln_final(x.permute(1, 0, 2))
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+
+
+def reference_text(model: ReferenceCLIP, strings: list[str], template: str) -> torch.Tensor:
+    rows = []
+    for s in strings:
+        f = model.encode_text(tokenize([template.format(s)]))
+        f = f / f.norm(dim=-1, keepdim=True)
+        f = f.mean(dim=0)
+        rows.append(f / f.norm())
+    return torch.stack(rows)
+
+
+def _scale(img: np.ndarray) -> np.ndarray:
+    img = img - np.min(img)
+    return img / (1e-7 + np.max(img))
+
+
+def scoremap2bbox(scoremap: np.ndarray, threshold: float):
+    height, width = scoremap.shape
+    u = np.expand_dims((scoremap * 255).astype(np.uint8), 2)
+    _, thr = cv2.threshold(u, int(threshold * np.max(u)), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(thr, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if len(contours) == 0:
+        return np.asarray([[0, 0, 0, 0]]), 1
+    boxes = []
+    for c in contours:
+        x, y, w, h = cv2.boundingRect(c)
+        boxes.append([x, y, min(x + w, width - 1), min(y + h, height - 1)])
+    return np.asarray(boxes), len(contours)
+
+
+def reference_cams(model: ReferenceCLIP, image: torch.Tensor, labels: list[int], text: torch.Tensor,
+                   num_classes: int, threshold: float):
+    """image (1, 3, H', W'); text (C + M, E). Returns (refined, init), each (K, h, w) float32."""
+    h, w = image.shape[-2] // model.patch, image.shape[-1] // model.patch
+    feats, attns = model.encode_image(image)
+    rows = torch.cat([text[labels], text[num_classes:]])
+    saved = {}
+
+    def fwd_hook(_m, _i, out):
+        saved["act"] = out.detach()
+        out.register_hook(lambda g: saved.__setitem__("grad", g.detach()))
+
+    handle = model.vblocks[-1].ln_1.register_forward_hook(fwd_hook)
+    refined, init = [], []
+    host = np.float64 if image.dtype == torch.float64 else np.float32  # the reference: float32 (fp64 for checks)
+    try:
+        for j in range(len(labels)):
+            model.zero_grad()
+            probs, attn_last = model.forward_last_layer(feats, rows)
+            probs[0, j].backward()
+            act = saved["act"].permute(1, 0, 2)[:, 1:, :].reshape(1, h, w, -1).permute(0, 3, 1, 2).numpy()
+            grad = saved["grad"].permute(1, 0, 2)[:, 1:, :].reshape(1, h, w, -1).permute(0, 3, 1, 2).numpy()
+            weights = np.mean(grad, axis=(2, 3))
+            cam = np.maximum((weights[:, :, None, None] * act).sum(axis=1), 0)
+            cam = np.asarray([_scale(c) for c in cam], host)[:, None]     # per layer
+            cam = _scale(np.mean(np.maximum(cam, 0), axis=1)[0])          # aggregate the one layer
+            init.append(cam)
+
+            attn_all = torch.stack(attns + [attn_last.detach()])[-8:].mean(dim=0)[0, 1:, 1:]
+            box, cnt = scoremap2bbox(cam, threshold)
+            mask = torch.zeros(h, w)
+            for x0, y0, x1, y1 in box[:cnt]:
+                mask[y0:y1, x0:x1] = 1
+            mask = mask.view(1, h * w)
+            t = attn_all / torch.sum(attn_all, dim=0, keepdim=True)
+            t = t / torch.sum(t, dim=1, keepdim=True)
+            for _ in range(2):
+                t = t / torch.sum(t, dim=0, keepdim=True)
+                t = t / torch.sum(t, dim=1, keepdim=True)
+            t = (t + t.transpose(1, 0)) / 2
+            t = torch.matmul(t, t) * mask
+            r = torch.matmul(t, torch.from_numpy(cam).view(-1, 1)).reshape(h, w).numpy().astype(host)
+            refined.append(_scale(r))
+    finally:
+        handle.remove()
+    return np.stack(refined), np.stack(init)
