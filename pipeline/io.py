@@ -137,10 +137,22 @@ def check_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], overwr
         return True
     if overwrite:
         return False
-    diff = sorted(k for k in set(old or {}) | set(new) if (old or {}).get(k) != new.get(k))
+    old_flat, new_flat = _flatten(old or {}), _flatten(new)
+    diff = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
     raise StaleOutputError(
         f"{out_dir} holds outputs made with a different configuration (differs in: {', '.join(diff)}). "
         "Use another --out folder, or pass --overwrite to replace them.")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'cam': {'exact': True}} -> {'cam.exact': True}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def write_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], **extra: Any) -> None:
