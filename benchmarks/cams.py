@@ -1,0 +1,137 @@
+"""make bench (CAM part): seconds per image of the CAM stage vs the floor and the reference loop.
+
+Random weights of the true ViT-B/16 shapes, VOC-sized images (500x375 -> 512x384, 768 patches),
+3 labels each, all measured side by side in one process:
+  - stage:      ``run_cams`` over a VOC-layout folder (decode, forward, one backward, CAA, write)
+  - floor:      one plain no-grad image-encoder forward per image at the same size
+  - reference:  CLIP-ES's per-class loop (block 12 forward + backward per class, hooks, numpy,
+                Sinkhorn per class), from tests/reference.py
+On CUDA it also reports images/s and peak memory of the engine for fp16/bf16 and batch sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from pipeline.cam import CAMEngine  # noqa: E402
+from pipeline.classes import builtin  # noqa: E402
+from pipeline.clip import load_clip, read_state_dict  # noqa: E402
+from pipeline.image import load_image, preprocess, target_size  # noqa: E402
+from pipeline.randomclip import VIT_B_16, random_clip, save_clip  # noqa: E402
+from pipeline.stage_cams import CamsConfig, run_cams  # noqa: E402
+from reference import ReferenceCLIP, reference_cams, reference_text  # noqa: E402
+
+LABELS = [[14, 8, 11], [2, 6, 14], [7, 11, 17], [0, 5, 6], [9, 12, 16], [3, 10, 18]]
+
+
+def make_images(root: Path, n: int, size=(375, 500)) -> Path:
+    rng = np.random.default_rng(0)
+    names = builtin("voc").names
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    ids = []
+    for i in range(n):
+        image_id = f"bench_{i:03d}"
+        h, w = size if i % 2 == 0 else size[::-1]
+        h, w = (h, w) if i % 4 < 2 else (size[0], size[1])
+        img = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        Image.fromarray(img).resize((w, h), Image.BICUBIC).save(root / "JPEGImages" / f"{image_id}.jpg", quality=90)
+        objs = "".join(f"<object><name>{names[c]}</name></object>" for c in LABELS[i % len(LABELS)])
+        (root / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{objs}</annotation>")
+        ids.append(image_id)
+    (root / "bench.txt").write_text("\n".join(ids) + "\n")
+    return root / "bench.txt"
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def cpu_bench(args, ckpt: Path, tmp: Path) -> None:
+    split = make_images(tmp / "VOC", args.images, size=(375, 500))
+    ids = split.read_text().split()
+    model = load_clip(ckpt)
+    voc = builtin("voc")
+    image = preprocess(load_image(tmp / "VOC" / "JPEGImages" / f"{ids[0]}.jpg"), target_size(375, 500)).unsqueeze(0)
+
+    with torch.no_grad():
+        floor = timed(lambda: model.visual(image), args.repeat)
+
+    engine = CAMEngine(model, voc)
+    engine_s = timed(lambda: engine(image, [LABELS[0]]), args.repeat)
+
+    ref = ReferenceCLIP(read_state_dict(ckpt))
+    ref_text = reference_text(ref, list(voc.prompts) + list(voc.background), voc.template)
+    reference_s = timed(lambda: reference_cams(ref, image, LABELS[0], ref_text, 20, 0.4), max(1, args.repeat // 2))
+
+    cfg = CamsConfig(dataset="voc", root=str(tmp / "VOC"), split=str(split), clip=str(ckpt), out=str(tmp / "cams"),
+                     workers=args.workers, progress=False)
+    summary = run_cams(cfg)
+    stage_s = summary.seconds / max(summary.written, 1)
+
+    print(f"CPU, {torch.get_num_threads()} threads, random ViT-B/16, 512x384 input (768 patches), 3 labels/image")
+    print(f"  floor (plain no-grad encoder forward) : {floor:7.3f} s/img   1.00x")
+    print(f"  CAM engine (forward+backward+CAA)     : {engine_s:7.3f} s/img   {engine_s / floor:.2f}x floor")
+    print(f"  stage (decode, CAMs, write; {summary.written} imgs)   : {stage_s:7.3f} s/img   {stage_s / floor:.2f}x floor"
+          f"   (target <= 1.3x)")
+    print(f"  reference per-class loop              : {reference_s:7.3f} s/img   {reference_s / floor:.2f}x floor")
+    print(f"  speed-up of the stage over the reference loop: {reference_s / stage_s:.2f}x   (target >= 3x)")
+
+
+def gpu_bench(args, ckpt: Path) -> None:
+    voc = builtin("voc")
+    for dtype in (torch.float16, torch.bfloat16):
+        model = load_clip(ckpt, device="cuda", dtype=dtype)
+        engine = CAMEngine(model, voc)
+        for bs in args.gpu_batches:
+            x = torch.randn(bs, 3, 384, 512, device="cuda", dtype=dtype)
+            labels = [LABELS[i % len(LABELS)] for i in range(bs)]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            engine(x, labels)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.repeat):
+                engine(x, labels)
+            torch.cuda.synchronize()
+            per = (time.perf_counter() - start) / args.repeat
+            with torch.no_grad():
+                floor = timed(lambda: (model.visual(x), torch.cuda.synchronize()), args.repeat)
+            print(f"  GPU {str(dtype).removeprefix('torch.')} batch {bs:3d}: {bs / per:8.1f} img/s "
+                  f"(floor {bs / floor:8.1f} img/s), peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        del model, engine
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 16, 64])
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        ckpt = save_clip(random_clip(VIT_B_16, seed=0), tmp / "ViT-B-16-random.pt")
+        cpu_bench(args, ckpt, tmp)
+        if torch.cuda.is_available():
+            gpu_bench(args, ckpt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

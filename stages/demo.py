@@ -1,0 +1,48 @@
+"""make demo: CAMs on a few real photos (scikit-image samples) in VOC layout.
+
+    python -m stages.demo                      # tiny random CLIP: runs, but the maps mean nothing
+    python -m stages.demo --clip ~/models/ViT-B-16.pt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.demo import make_demo_voc
+from pipeline.randomclip import TINY, random_clip, save_clip
+from pipeline.stage_cams import CamsConfig, run_cams
+
+BANNER = """
+############################################################################
+#  NO CLIP WEIGHTS GIVEN: using a tiny RANDOM model.                       #
+#  The pipeline runs end to end, but the CAMs are MEANINGLESS.             #
+#  For real maps: make demo CLIP=/path/to/ViT-B-16.pt  (see README).       #
+############################################################################
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clip", default=None, help="OpenAI ViT-B-16.pt; without it a tiny random model is used")
+    p.add_argument("--out", default="outputs/demo", help="demo folder (data, CAMs)")
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    split = make_demo_voc(out / "VOC2012")
+    clip = a.clip
+    if clip is None:
+        print(BANNER, file=sys.stderr)
+        clip = str(save_clip(random_clip(TINY, seed=0), out / "random-tiny-clip.pt"))
+    cams = out / ("cams" if a.clip else "cams-random")
+    summary = run_cams(CamsConfig(dataset="voc", root=str(out / "VOC2012"), split=str(split), clip=clip,
+                                  out=str(cams), save_init=True, device=a.device, overwrite=True, workers=0))
+    print(f"demo: {summary.written} CAM files in {cams} ({summary.failed} failed)")
+    if a.clip is None:
+        print(BANNER, file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
