@@ -1,0 +1,208 @@
+"""Pseudo-label stage: CAM files -> dense CRF -> one label PNG per image (SPEC 5.3).
+
+``pseudo_label`` labels one in-memory image (the CAM stage can call it without writing CAM files);
+``run_pseudo`` runs a whole split: one image per task in joblib worker processes that read their own
+inputs (only ids and paths travel), atomic PNG writes, a manifest of the config, resume by skipping
+finished PNGs, and one clear message per failed image in ``errors.json`` while the rest completes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from . import crf
+from .camfile import load_cams, upsample_cams
+from .datasets import Dataset, SampleError, read_mask
+from .io import check_manifest, write_errors, write_manifest
+from .labelio import FORMATS, write_label
+
+
+@dataclass(frozen=True)
+class PseudoConfig:
+    """Everything that changes the labels. Defaults reproduce CLIP-ES (SPEC 5.3), quirks included."""
+
+    conf: float = 0.95                 # pixels below this confidence become 255
+    confidence: str = "crf"            # 'crf': max CRF marginal (code); 'raw': paper's raw-CAM rule; 'none'
+    guide: str = "wrapped"             # 'wrapped': reference uint8-wrapped BGR-minus-mean guide (SPEC 10.8); 'plain'
+    power: float = 1.0                 # background row (1 - max cam) ** power
+    crf: crf.CRFParams = field(default_factory=crf.CRFParams)
+    format: str = "palette"            # label PNG: 'palette' (P mode, VOC colours) or 'gray' (reference)
+    require_gt: bool = True            # the reference reads the GT mask of every image (SPEC 10.8)
+
+    def __post_init__(self) -> None:
+        if self.confidence not in crf.CONFIDENCE_RULES:
+            raise ValueError(f"confidence must be one of {crf.CONFIDENCE_RULES}, got {self.confidence!r}")
+        if self.guide not in crf.GUIDES:
+            raise ValueError(f"guide must be one of {crf.GUIDES}, got {self.guide!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if not 0 <= self.conf <= 1:
+            raise ValueError(f"conf must be in [0, 1], got {self.conf}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------- one image
+def pseudo_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray,
+                 cfg: PseudoConfig = PseudoConfig()) -> np.ndarray:
+    """RGB uint8 (H, W, 3), keys int (K,), patch-resolution CAMs float (K, h, w) -> uint8 (H, W) label
+    (0 background, c + 1 class c, 255 low confidence). CAMs are upsampled to float16 exactly as the
+    reference's CAM files held them, then refined by the dense CRF."""
+    H, W = image_rgb.shape[:2]
+    cams = upsample_cams(cams_patch, (H, W))
+    return crf.refine(image_rgb, keys, cams, params=cfg.crf, guide=cfg.guide, conf=cfg.conf,
+                      confidence=cfg.confidence, power=cfg.power)
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """The project's image loader, as an RGB uint8 (H, W, 3) array."""
+    from .image import load_image  # imports torch; keep it out of metrics-only processes
+
+    return np.asarray(load_image(path).convert("RGB"), dtype=np.uint8)
+
+
+def load_cams_for(cam_path: str | Path, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Load a CAM file and check it belongs to an image of ``image_size`` = (H, W)."""
+    cam_path = Path(cam_path)
+    if not cam_path.is_file():
+        raise SampleError(f"{cam_path}: CAM file not found; run the CAM stage for this image (make cams)")
+    d = load_cams(cam_path)
+    size = tuple(int(v) for v in d["image_size"])
+    if size != tuple(image_size):
+        raise SampleError(f"{cam_path}: CAMs are for an image of size {size} (H, W) but the image is "
+                          f"{tuple(image_size)}; the CAMs are stale or from another dataset: re-run the CAM stage")
+    return d
+
+
+def read_gt(gt_path: str | Path | None, image_id: str, num_classes: int, image_size: tuple[int, int]) -> np.ndarray:
+    """Ground-truth mask (H, W) uint8 of ``image_id``; ``SampleError`` if missing or of another size."""
+    if gt_path is None or not Path(gt_path).is_file():
+        raise SampleError(f"image {image_id}: ground-truth mask not found{f' ({gt_path})' if gt_path else ''}; "
+                          "the reference requires one per image: add it, or pass --no-require-gt")
+    gt = read_mask(Path(gt_path), num_classes)
+    if gt.shape != tuple(image_size):
+        raise SampleError(f"{gt_path}: mask size {gt.shape} differs from the image size {tuple(image_size)}")
+    return gt
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a worker needs for one image: paths only (workers read their own inputs)."""
+
+    image_id: str
+    image: str
+    cams: str
+    out: str
+    gt: str | None = None
+
+
+def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str | None]:
+    """Worker body: read, label, write. Returns (id, None) or (id, error message); never raises."""
+    try:
+        image = read_rgb(task.image)
+        size = image.shape[:2]
+        d = load_cams_for(task.cams, size)
+        if cfg.require_gt:
+            read_gt(task.gt, task.image_id, num_classes, size)
+        label = pseudo_label(image, d["keys"], d["cams"], cfg)
+        write_label(task.out, label, cfg.format)
+        return task.image_id, None
+    except Exception as e:  # one bad image must not stop the split
+        Path(task.out).unlink(missing_ok=True)  # never leave a label from an older run for a failed image
+        msg = str(e) if isinstance(e, (SampleError, ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        return task.image_id, msg
+
+
+# ---------------------------------------------------------------------------- parallel driver
+def default_jobs() -> int:
+    """All cores this process may use (cgroup/affinity aware)."""
+    import joblib
+
+    return max(1, joblib.cpu_count())
+
+
+def _single_threaded(fn: Callable, *args):
+    # Each worker handles one image; OpenCV's own thread pool would only oversubscribe the cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+    return fn(*args)
+
+
+def run_tasks(fn: Callable, tasks: Sequence, args: tuple = (), n_jobs: int | None = None,
+              desc: str = "", progress: bool = True) -> Iterator:
+    """Yield ``fn(task, *args)`` for each task (in completion order), one task per joblib job, with a
+    tqdm bar. ``n_jobs`` 1 runs in this process; None means all cores."""
+    from tqdm import tqdm
+
+    n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
+    bar = tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress or not tasks, dynamic_ncols=True)
+    try:
+        if n_jobs == 1 or len(tasks) <= 1:
+            results: Iterable = (fn(t, *args) for t in tasks)
+        else:
+            from joblib import Parallel, delayed
+
+            results = Parallel(n_jobs=min(n_jobs, len(tasks)), batch_size=1, return_as="generator_unordered")(
+                delayed(_single_threaded)(fn, t, *args) for t in tasks)
+        for r in results:
+            bar.update(1)
+            yield r
+    finally:
+        bar.close()
+
+
+def _cams_provenance(cams_dir: Path) -> Any:
+    """The CAM stage's manifest config, so labels from regenerated CAMs count as stale."""
+    try:
+        return json.loads((cams_dir / "manifest.json").read_text()).get("config")
+    except (OSError, ValueError):
+        return None
+
+
+def stage_config(dataset: Dataset, cams_dir: str | Path, cfg: PseudoConfig) -> dict[str, Any]:
+    """The manifest config of a pseudo-label folder: labelling settings plus where inputs came from."""
+    cams_dir = Path(cams_dir).resolve()
+    return {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
+            "classes": list(dataset.classes.names), "cams": str(cams_dir),
+            "cams_config": _cams_provenance(cams_dir), **cfg.as_dict()}
+
+
+def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_dir: str | Path,
+               cfg: PseudoConfig = PseudoConfig(), n_jobs: int | None = None, overwrite: bool = False,
+               progress: bool = True) -> dict[str, Any]:
+    """Label every id; returns {total, done, skipped, failed, seconds, images_per_s, out, errors}.
+
+    Resumes when ``out_dir`` holds labels of the same config (existing PNGs are kept); raises
+    ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
+    """
+    cams_dir, out_dir = Path(cams_dir), Path(out_dir)
+    config = stage_config(dataset, cams_dir, cfg)
+    resume = check_manifest(out_dir, config, overwrite=overwrite)
+    write_manifest(out_dir, config, status="running")
+    tasks, skipped = [], 0
+    for image_id in ids:
+        out = out_dir / f"{image_id}.png"
+        if resume and out.is_file():
+            skipped += 1
+            continue
+        gt = dataset.mask_path(image_id)
+        tasks.append(Task(image_id, str(dataset.image_path(image_id)), str(cams_dir / f"{image_id}.npz"), str(out),
+                          None if gt is None else str(gt)))
+    t0 = time.perf_counter()
+    errors = {i: msg for i, msg in run_tasks(label_one, tasks, (cfg, dataset.classes.num_classes), n_jobs,
+                                             desc="pseudo", progress=progress) if msg}
+    seconds = time.perf_counter() - t0
+    write_errors(out_dir, errors)
+    summary = {"total": len(ids), "done": len(tasks) - len(errors), "skipped": skipped, "failed": len(errors),
+               "seconds": round(seconds, 3), "images_per_s": round(len(tasks) / seconds, 3) if seconds > 0 else None,
+               "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "out": str(out_dir)}
+    write_manifest(out_dir, config, status="failed" if errors else "complete", summary=summary)
+    return {**summary, "errors": errors}

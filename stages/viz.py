@@ -1,0 +1,47 @@
+"""Panels (image | CAM heat-maps | pseudo-label overlay | ground truth) and an index.html gallery,
+worst per-image mIoU first.
+
+    python -m stages.viz --dataset voc --root data/VOC2012 --split val --limit 200
+Exit status: 0 ok, 1 some images failed (see errors.json), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stages.pseudo import add_dataset_args, open_dataset, outputs
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.viz", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(p)
+    p.add_argument("--cams", default=None, help="CAM folder (default outputs/<dataset>/cams; 'none' to leave out)")
+    p.add_argument("--pseudo", default=None, help="pseudo-label folder (default outputs/<dataset>/pseudo; 'none' to leave out)")
+    p.add_argument("--out", default=None, help="panel folder (default outputs/<dataset>/viz)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N ids of the split")
+    p.add_argument("--tile-height", type=int, default=192, help="rows of each panel tile")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.viz import run_viz
+
+    pick = lambda v, what: None if v == "none" else (v or outputs(args.dataset, what))  # noqa: E731
+    try:
+        ds, ids = open_dataset(args)
+        res = run_viz(ds, ids[: args.limit] if args.limit else ids, args.out or outputs(args.dataset, "viz"),
+                      cams_dir=pick(args.cams, "cams"), pseudo_dir=pick(args.pseudo, "pseudo"),
+                      tile_h=args.tile_height, n_jobs=args.jobs, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"viz: {res['done']} panels, {res['failed']} failed -> {res['index']}")
+    for image_id, msg in list(res["errors"].items())[:10]:
+        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    return 1 if res["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
