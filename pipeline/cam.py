@@ -18,20 +18,45 @@ import torch
 from .affinity import box_masks, mean_attention, minmax, refine, transition_matrix
 from .classes import ClassList
 from .clip import CLIP, acc_dtype
-from .text import encode_prompts
+from .text import text_variants
 
 
 @dataclass(frozen=True)
 class CAMConfig:
-    """Algorithm constants (SPEC 2, 4). ``exact`` reproduces the reference's quirks (SPEC 10.4-10.5):
-    fp16 host arithmetic of GradCAM when the model runs in fp16, and block 12 run twice for an
-    image of exactly 76 patches. ``exact=False`` fixes both."""
+    """Algorithm settings (SPEC 2, 4, 6); the defaults are CLIP-ES's.
+
+    exact: reproduce the reference's quirks (SPEC 10.4-10.5): fp16 host arithmetic of GradCAM when
+        the model runs in fp16, and block 12 run twice for an image of exactly 76 patches.
+    Ablations (CLIP-ES Tables 2, 6, 8): ``softmax`` False differentiates the raw logit instead of the
+    post-softmax score; ``softmax_set`` 'present' is the image's labels + background set, 'all' every
+    foreground class (+ background set); ``background`` False drops the background set;
+    ``synonyms`` False prompts with bare class names; ``fusion`` 'sentence' | 'feature' | 'cam'
+    (see ``text.text_variants``); ``affinity`` 'caa' (default), 'mhsa' (mean attention of the last
+    blocks used as is, no Sinkhorn or boxes) or 'none' (GradCAM maps as they are).
+    template: prompt template (None: the class list's).
+    """
 
     box_threshold: float = 0.4
     attention_layers: int = 8
     sinkhorn_rounds: int = 3
     power: int = 2
     exact: bool = True
+    template: str | None = None
+    softmax: bool = True
+    softmax_set: str = "present"
+    background: bool = True
+    synonyms: bool = True
+    fusion: str = "sentence"
+    affinity: str = "caa"
+
+    def __post_init__(self) -> None:
+        if self.softmax_set not in ("present", "all"):
+            raise ValueError(f"softmax_set must be 'present' or 'all', got {self.softmax_set!r}")
+        if self.affinity not in AFFINITIES:
+            raise ValueError(f"affinity must be one of {', '.join(AFFINITIES)}, got {self.affinity!r}")
+
+
+AFFINITIES = ("caa", "mhsa", "none")
 
 
 @dataclass
@@ -96,12 +121,14 @@ def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exac
     return minmax(minmax(cam))
 
 
-def softmax_targets(logits: torch.Tensor, labels: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
-    """Post-softmax scores of each image's present classes (SPEC 1.5, 2.1).
+def class_scores(logits: torch.Tensor, labels: Sequence[Sequence[int]], num_classes: int, softmax: bool = True,
+                 all_classes: bool = False) -> torch.Tensor:
+    """Scores of each image's present classes, the GradCAM targets (SPEC 1.5, 2.1).
 
-    logits (B, C + M) against [C foreground rows, M background rows]; for image b the softmax runs
-    over its K_b present classes (in label order) plus all M background rows. Returns (B, Kmax),
-    zero where b has fewer than Kmax labels.
+    logits (B, C + M) against [C foreground rows, M background rows]. The softmax runs over the
+    image's K_b present classes (label order) plus the M background rows, or over every row when
+    ``all_classes``; ``softmax=False`` returns the raw logits. Returns (B, Kmax), zero where image b
+    has fewer than Kmax labels.
     """
     B, total = logits.shape
     kmax = max(len(lab) for lab in labels)
@@ -110,6 +137,9 @@ def softmax_targets(logits: torch.Tensor, labels: Sequence[Sequence[int]], num_c
     for b, lab in enumerate(labels):
         fg[b, : len(lab)] = torch.as_tensor(list(lab), device=logits.device)
         valid[b, : len(lab)] = True
+    if all_classes or not softmax:
+        probs = logits.softmax(dim=-1) if softmax else logits
+        return probs.gather(1, fg).masked_fill(~valid, 0)
     bg = torch.arange(num_classes, total, device=logits.device).expand(B, -1)
     chosen = torch.cat([logits.gather(1, fg).masked_fill(~valid, float("-inf")), logits.gather(1, bg)], dim=1)
     return chosen.softmax(dim=-1)[:, :kmax]
@@ -121,9 +151,9 @@ class CAMEngine:
     def __init__(self, model: CLIP, classes: ClassList, config: CAMConfig | None = None):
         self.model = model
         self.classes = classes
-        self.config = config or CAMConfig(box_threshold=classes.box_threshold)
-        prompts = list(classes.prompts) + list(classes.background)
-        self.text = encode_prompts(model, prompts, [classes.template])   # (C + M, E) float32
+        self.config = cfg = config or CAMConfig(box_threshold=classes.box_threshold)
+        # (S, C + M, E): S = 1 except for CAM-level synonym fusion
+        self.text = text_variants(model, classes, cfg.template, cfg.fusion, cfg.synonyms, cfg.background)
         self.logit_scale = float(model.logit_scale.exp())
 
     def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> list[CAMResult]:
@@ -143,26 +173,40 @@ class CAMEngine:
             inter = visual.forward_intermediates(images, n_blocks=first, attention="mean",
                                                  attention_blocks=range(first - keep, first))
         last = visual.blocks[-1]
+        variants = len(self.text)
+        inits: list[torch.Tensor | None] = [None] * len(labels)
         with torch.enable_grad():
             h = last.ln_1(inter.tokens).detach().requires_grad_(True)
             x, attn_last, _ = last(inter.tokens, weights="mean", ln1_out=h)
             emb = visual.pool(x, "patch_mean")
             emb = emb.to(acc_dtype(emb.dtype))
             emb = emb / emb.norm(dim=-1, keepdim=True)
-            text = self.text.to(emb.device, emb.dtype)
-            scores = softmax_targets(self.logit_scale * emb @ text.t(), labels, self.classes.num_classes)
-            kmax = scores.shape[1]
-            onehot = torch.eye(kmax, dtype=scores.dtype, device=scores.device)[:, None, :].expand(kmax, len(labels), kmax)
-            (grads,) = torch.autograd.grad(scores, h, grad_outputs=onehot, is_grads_batched=True)
-        acts = h.detach()[:, 1:]                 # (B, n, D)
-        grads = grads[:, :, 1:]                  # (Kmax, B, n, D)
+            for v in range(variants):
+                text = self.text[v].to(emb.device, emb.dtype)
+                scores = class_scores(self.logit_scale * emb @ text.t(), labels, self.classes.num_classes,
+                                      cfg.softmax, cfg.softmax_set == "all")
+                kmax = scores.shape[1]
+                onehot = torch.eye(kmax, dtype=scores.dtype, device=scores.device)[:, None, :].expand(kmax, len(labels), kmax)
+                # every class of every image in one backward: one batched gradient output per class slot
+                (grads,) = torch.autograd.grad(scores, h, grad_outputs=onehot, is_grads_batched=True,
+                                               retain_graph=v + 1 < variants)
+                for b, lab in enumerate(labels):
+                    m = gradcam(h.detach()[b, 1:], grads[: len(lab), b, 1:], grid, cfg.exact)
+                    inits[b] = m if inits[b] is None else inits[b] + m
+        if variants > 1:  # CAM-level synonym fusion: mean of the per-synonym maps
+            inits = [minmax(m / variants) for m in inits]
         attns = [inter.attentions[i] for i in sorted(inter.attentions)] + [attn_last.detach()]
-        trans = transition_matrix(mean_attention(attns, cfg.attention_layers), cfg.sinkhorn_rounds, cfg.power)
+        attn = mean_attention(attns, cfg.attention_layers)
+        trans = transition_matrix(attn, cfg.sinkhorn_rounds, cfg.power) if cfg.affinity == "caa" else attn
         results = []
-        for b, lab in enumerate(labels):
-            init = gradcam(acts[b], grads[: len(lab), b], grid, cfg.exact)
+        for b, init in enumerate(inits):
             init_np = init.cpu().numpy()
-            masks = torch.from_numpy(box_masks(init_np, cfg.box_threshold)).to(trans.device)
-            cams = refine(trans[b], init, masks)
+            if cfg.affinity == "none":
+                cams = init
+            elif cfg.affinity == "mhsa":
+                cams = refine(trans[b], init, torch.ones_like(init))
+            else:
+                masks = torch.from_numpy(box_masks(init_np, cfg.box_threshold)).to(trans.device)
+                cams = refine(trans[b], init, masks)
             results.append(CAMResult(cams=cams.cpu().numpy(), init=init_np))
         return results

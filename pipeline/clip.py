@@ -276,6 +276,22 @@ class CLIP(nn.Module):
         return self.visual(images)
 
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto", precision: str = "auto", local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    """'auto' device: cuda:LOCAL_RANK when available, else cpu; 'auto' precision: fp16 on CUDA (as the
+    reference), fp32 on CPU."""
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if precision == "auto":
+        precision = "fp16" if dev.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
+    return dev, PRECISIONS[precision]
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from an OpenAI TorchScript archive or a (possibly wrapped) plain state_dict file."""
     path = Path(path).expanduser()

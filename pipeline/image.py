@@ -70,6 +70,13 @@ def target_size(height: int, width: int, max_patches: int = DEFAULT_MAX_PATCHES)
     return gh * PATCH, gw * PATCH
 
 
+def load_for_model(path: str | Path, max_patches: int = DEFAULT_MAX_PATCHES, exact: bool = True,
+                   exif_transpose: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load and preprocess one image: (float32 (3, h', w'), original (H, W))."""
+    img = load_image(path, exif_transpose)
+    return preprocess(img, target_size(img.height, img.width, max_patches), exact), (img.height, img.width)
+
+
 def preprocess(img: Image.Image, size: tuple[int, int], exact: bool = True) -> torch.Tensor:
     """PIL bicubic resize to ``size`` = (h', w'), RGB, /255, CLIP normalisation -> float32 (3, h', w').
 

@@ -23,13 +23,11 @@ from tqdm import tqdm
 
 from .cam import CAMConfig, CAMEngine
 from .camfile import save_cams
-from .clip import load_clip
+from .clip import load_clip, resolve_device
 from .datasets import Dataset, SampleError, build_dataset
-from .image import DEFAULT_MAX_PATCHES, ImageError, load_image, preprocess, target_size
+from .image import DEFAULT_MAX_PATCHES, ImageError, load_for_model
+from .prompts import best_template
 from .io import check_manifest, sha256_file, write_errors, write_json, write_manifest
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class CamsConfig:
@@ -53,6 +51,8 @@ class CamsConfig:
     max_patches: int = DEFAULT_MAX_PATCHES
     exif_transpose: bool = False
     box_threshold: float | None = None  # default: the class list's (VOC 0.4, COCO 0.7)
+    cam_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other CAMConfig fields (ablations)
+    prompt_ranking: str | None = None   # ranking.csv of `make prompts`, read for template 'best'
     progress: bool = True
 
 
@@ -64,17 +64,6 @@ class Summary:
     failed: int = 0
     seconds: float = 0.0
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def resolve_device(device: str, precision: str, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose fp32, fp16 or bf16")
-    return dev, PRECISIONS[precision]
 
 
 class _Images(TorchDataset):
@@ -90,10 +79,9 @@ class _Images(TorchDataset):
         image_id = self.ids[i]
         try:
             labels = self.data.labels(image_id)
-            img = load_image(self.data.image_path(image_id), self.cfg.exif_transpose)
-            size = target_size(img.height, img.width, self.cfg.max_patches)
-            return {"id": image_id, "labels": labels, "image_size": (img.height, img.width),
-                    "image": preprocess(img, size, self.cfg.exact)}
+            image, size = load_for_model(self.data.image_path(image_id), self.cfg.max_patches, self.cfg.exact,
+                                         self.cfg.exif_transpose)
+            return {"id": image_id, "labels": labels, "image_size": size, "image": image}
         except (SampleError, ImageError, OSError, ValueError) as e:
             return {"id": image_id, "error": str(e)}
 
@@ -150,8 +138,11 @@ def run_cams(cfg: CamsConfig, on_image: Callable[[str, dict], None] | None = Non
     out = Path(cfg.out)
     data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks)
     ids = data.ids(cfg.split)
+    options = dict(cfg.cam_options)
+    if options.get("template") == "best":
+        options["template"] = best_template(cfg.prompt_ranking or f"outputs/{cfg.dataset}/prompts/ranking.csv")
     cam_cfg = CAMConfig(box_threshold=data.classes.box_threshold if cfg.box_threshold is None else cfg.box_threshold,
-                        exact=cfg.exact)
+                        exact=cfg.exact, **options)
     ckpt_sha = sha256_file(cfg.clip)
     config = manifest_config(cfg, data, ckpt_sha, cam_cfg, dtype)
     resume = check_manifest(out, config, cfg.overwrite)

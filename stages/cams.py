@@ -41,14 +41,33 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
                    help="larger images are scaled down for the model to at most this many 16x16 patches")
     p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: VOC/COCO masks use stored pixels)")
     p.add_argument("--box-threshold", type=float, default=None, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
+    p.add_argument("--prompt", default=None,
+                   help="prompt template with '{}' (default: the class list's, 'a clean origami {}.'), or 'best' "
+                        "for the top template of `make prompts` (see --prompt-ranking)")
+    p.add_argument("--prompt-ranking", default=None, help="ranking.csv of make prompts (default outputs/<dataset>/prompts/)")
+    abl = p.add_argument_group("ablations (CLIP-ES Tables 2, 6, 8)")
+    abl.add_argument("--no-softmax", action="store_true", help="GradCAM on the raw logit instead of the softmax score")
+    abl.add_argument("--softmax-set", choices=["present", "all"], default="present",
+                     help="softmax over the image's labels (+ background) or over every class")
+    abl.add_argument("--no-background", action="store_true", help="no class-related background set")
+    abl.add_argument("--no-synonyms", action="store_true", help="bare class names instead of the synonym prompt strings")
+    abl.add_argument("--fusion", choices=["sentence", "feature", "cam"], default="sentence",
+                     help="synonym fusion: one sentence (reference), mean embedding, or mean CAM")
+    abl.add_argument("--affinity", choices=["caa", "mhsa", "none"], default="caa",
+                     help="refinement: class-aware attention affinity, plain attention, or none")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    cam_options = {k: v for k, v in {
+        "template": a.prompt, "softmax": not a.no_softmax, "softmax_set": a.softmax_set,
+        "background": not a.no_background, "synonyms": not a.no_synonyms, "fusion": a.fusion,
+        "affinity": a.affinity}.items() if v is not None}
     split = a.split or {"voc": "train_aug", "coco": "train", "folder": "all"}[a.dataset]
     return CamsConfig(dataset=a.dataset, root=a.root, split=split, clip=a.clip, out=a.out or f"outputs/{a.dataset}/cams",
                       classes=a.classes, labels=a.labels, masks=a.masks, save_init=a.save_init, device=a.device,
                       precision=a.precision, batch_size=a.batch_size, workers=a.workers, overwrite=a.overwrite,
                       exact=not a.fixed, max_patches=a.max_patches, exif_transpose=a.exif_transpose,
-                      box_threshold=a.box_threshold, progress=not a.no_progress)
+                      box_threshold=a.box_threshold, cam_options=cam_options, prompt_ranking=a.prompt_ranking,
+                      progress=not a.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import affinity
 from pipeline.affinity import box_mask, sinkhorn, transition_matrix
-from pipeline.cam import CAMConfig, CAMEngine, gradcam, softmax_targets
+from pipeline.cam import CAMConfig, CAMEngine, class_scores, gradcam
 from pipeline.classes import builtin
 from pipeline.clip import load_clip, read_state_dict
 from pipeline.randomclip import VIT_B_16, random_clip, save_clip
@@ -29,7 +29,7 @@ def test_matches_reference_per_class_loop(tiny, size, labels):
     model, ref, voc, engine, ref_text = tiny
     torch.manual_seed(sum(size))
     x = torch.randn(1, 3, *size)
-    assert torch.allclose(engine.text, ref_text, atol=1e-5)
+    assert torch.allclose(engine.text[0], ref_text, atol=1e-5)
     got = engine(x, [labels])[0]
     want_cams, want_init = reference_cams(ref, x, labels, ref_text, voc.num_classes, voc.box_threshold)
     assert got.cams.shape == got.init.shape == (len(labels), size[0] // 16, size[1] // 16)
@@ -69,7 +69,7 @@ def test_real_vit_b16_shapes_match_reference(tmp_path):
         model, ref = load_clip(path, dtype=dtype), ReferenceCLIP(read_state_dict(path)).to(dtype)
         engine = CAMEngine(model, voc)
         ref_text = reference_text(ref, list(voc.prompts) + list(voc.background), voc.template)
-        assert torch.nn.functional.cosine_similarity(engine.text, ref_text).min() >= 0.9999
+        assert torch.nn.functional.cosine_similarity(engine.text[0], ref_text).min() >= 0.9999
         got = engine(x.to(dtype), [labels])[0]
         want_cams, want_init = reference_cams(ref, x.to(dtype), labels, ref_text, 20, 0.4)
         np.testing.assert_allclose(got.init, want_init, atol=1e-4 if dtype == torch.float32 else 1e-6, rtol=0)
@@ -98,11 +98,11 @@ def test_batch_equals_single_images_and_uses_one_backward(tiny, monkeypatch):
         np.testing.assert_allclose(batched[b].init, single.init, atol=1e-4, rtol=0)
 
 
-def test_softmax_targets_match_per_image_softmax():
+def test_class_scores_match_per_image_softmax():
     torch.manual_seed(0)
     logits = torch.randn(2, 20 + 5)
     labels = [[3, 1], [7]]
-    got = softmax_targets(logits, labels, 20)
+    got = class_scores(logits, labels, 20)
     for b, lab in enumerate(labels):
         want = torch.cat([logits[b, lab], logits[b, 20:]]).softmax(0)[: len(lab)]
         assert torch.allclose(got[b, : len(lab)], want)
