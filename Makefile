@@ -1,14 +1,22 @@
 # WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models.
-# Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, CLIP (ViT-B-16.pt), OUT, ARGS (extra flags).
+# Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, CLIP (ViT-B-16.pt), PROMPT, WHAT,
+# JOBS (CRF processes), OUT, ARGS (extra flags passed through).
 PY      ?= .venv/bin/python
 DATASET ?= voc
 SPLIT   ?=
 OUT     ?=
 ARGS    ?=
-SPLIT_FLAG = $(if $(SPLIT),--split $(SPLIT))
-OUT_FLAG   = $(if $(OUT),--out $(OUT))
+JOBS    ?=
+PROMPT  ?=
+WHAT    ?= cams
+SPLIT_FLAG  = $(if $(SPLIT),--split $(SPLIT))
+OUT_FLAG    = $(if $(OUT),--out $(OUT))
+JOBS_FLAG   = $(if $(JOBS),-j $(JOBS))
+PROMPT_FLAG = $(if $(PROMPT),--prompt "$(PROMPT)")
+NEED_ROOT   = @test -n "$(ROOT)" || { echo "ROOT=/path/to/dataset is required (e.g. ROOT=~/data/VOC2012)"; exit 2; }
+NEED_CLIP   = @test -n "$(CLIP)" || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
 
-.PHONY: setup test cams demo bench
+.PHONY: setup test cams cams-pseudo prompts pseudo eval viz demo bench
 
 setup:
 	python3 -m venv .venv
@@ -20,12 +28,37 @@ test:
 	$(PY) -m pytest -q
 
 cams:
-	@test -n "$(ROOT)" || { echo "usage: make cams DATASET=voc ROOT=~/data/VOC2012 SPLIT=train_aug CLIP=~/models/ViT-B-16.pt"; exit 2; }
-	@test -n "$(CLIP)" || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
-	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(OUT_FLAG) $(ARGS)
+	$(NEED_ROOT)
+	$(NEED_CLIP)
+	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(OUT_FLAG) $(PROMPT_FLAG) $(ARGS)
+
+# CAMs and CRF pseudo labels in one pass, without keeping CAM files (COCO-sized runs)
+cams-pseudo:
+	$(NEED_ROOT)
+	$(NEED_CLIP)
+	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(PROMPT_FLAG) \
+		--pseudo-out $(or $(OUT),outputs/$(DATASET)/pseudo) --no-keep-cams $(JOBS_FLAG) $(ARGS)
+
+prompts:
+	$(NEED_ROOT)
+	$(NEED_CLIP)
+	$(PY) -m stages.prompts --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(OUT_FLAG) $(ARGS)
+
+pseudo:
+	$(NEED_ROOT)
+	$(PY) -m stages.pseudo --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+
+eval:
+	$(NEED_ROOT)
+	$(PY) -m stages.eval --what $(WHAT) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+
+viz:
+	$(NEED_ROOT)
+	$(PY) -m stages.viz --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
 
 demo:
 	$(PY) -m stages.demo $(if $(CLIP),--clip $(CLIP)) $(ARGS)
 
 bench:
 	$(PY) -m benchmarks.cams $(ARGS)
+	$(PY) -m benchmarks.pseudo

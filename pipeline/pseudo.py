@@ -130,9 +130,7 @@ def default_jobs() -> int:
 
 def _single_threaded(fn: Callable, *args):
     # Each worker handles one image; OpenCV's own thread pool would only oversubscribe the cores.
-    import cv2
-
-    cv2.setNumThreads(1)
+    _cv2_single_thread()
     return fn(*args)
 
 
@@ -206,3 +204,81 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
                "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "out": str(out_dir)}
     write_manifest(out_dir, config, status="failed" if errors else "complete", summary=summary)
     return {**summary, "errors": errors}
+
+
+# ------------------------------------------------------------------- labels straight from the CAM stage
+def label_arrays(task: Task, keys: np.ndarray, cams_patch: np.ndarray, cfg: PseudoConfig,
+                 num_classes: int) -> tuple[str, str | None]:
+    """Worker body for CAMs handed over in memory (no CAM file): like ``label_one``."""
+    try:
+        image = read_rgb(task.image)
+        if cfg.require_gt:
+            read_gt(task.gt, task.image_id, num_classes, image.shape[:2])
+        write_label(task.out, pseudo_label(image, keys, cams_patch, cfg), cfg.format)
+        return task.image_id, None
+    except Exception as e:  # one bad image must not stop the split
+        Path(task.out).unlink(missing_ok=True)
+        msg = str(e) if isinstance(e, (SampleError, ValueError, OSError)) else f"{type(e).__name__}: {e}"
+        return task.image_id, msg
+
+
+class StreamingLabeller:
+    """Labels images while the CAM stage produces their CAMs (``make cams-pseudo``), so CAM files need
+    not be kept. CRFs run in a process pool; at most a few tasks per worker wait, which bounds memory
+    and paces the CAM stage to the CRF's speed. Resumable like ``run_pseudo`` (finished PNGs count)."""
+
+    def __init__(self, dataset: Dataset, out_dir: str | Path, cfg: PseudoConfig, cams_config: Any,
+                 n_jobs: int | None = None, overwrite: bool = False):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
+        self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
+                       "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",
+                       "cams_config": cams_config, **cfg.as_dict()}
+        self.resume = check_manifest(self.out, self.config, overwrite=overwrite)
+        write_manifest(self.out, self.config, status="running")
+        self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
+        self.pool = ProcessPoolExecutor(self.n_jobs, initializer=_cv2_single_thread)
+        self.pending: list = []
+        self.errors: dict[str, str] = {}
+        self.done_count = 0
+
+    def path(self, image_id: str) -> Path:
+        return self.out / f"{image_id}.png"
+
+    def finished(self, image_id: str) -> bool:
+        return self.resume and self.path(image_id).is_file()
+
+    def submit(self, image_id: str, keys: np.ndarray, cams_patch: np.ndarray) -> None:
+        gt = self.dataset.mask_path(image_id)
+        task = Task(image_id, str(self.dataset.image_path(image_id)), "", str(self.path(image_id)),
+                    None if gt is None else str(gt))
+        self.pending.append(self.pool.submit(label_arrays, task, np.asarray(keys), np.asarray(cams_patch), self.cfg,
+                                             self.dataset.classes.num_classes))
+        while len(self.pending) > 4 * self.n_jobs:
+            self._collect(self.pending.pop(0))
+
+    def _collect(self, future) -> None:
+        image_id, err = future.result()
+        if err:
+            self.errors[image_id] = err
+        else:
+            self.done_count += 1
+
+    def close(self, failed_upstream: dict[str, str] | None = None) -> dict[str, str]:
+        """Wait for every label; write errors.json and the final manifest. Returns the errors."""
+        for future in self.pending:
+            self._collect(future)
+        self.pending = []
+        self.pool.shutdown()
+        errors = {**(failed_upstream or {}), **self.errors}
+        write_errors(self.out, errors)
+        write_manifest(self.out, self.config, status="failed" if errors else "complete",
+                       summary={"done": self.done_count, "failed": len(errors), "out": str(self.out)})
+        return errors
+
+
+def _cv2_single_thread() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,10 @@ class CamsConfig:
     box_threshold: float | None = None  # default: the class list's (VOC 0.4, COCO 0.7)
     cam_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other CAMConfig fields (ablations)
     prompt_ranking: str | None = None   # ranking.csv of `make prompts`, read for template 'best'
+    pseudo_out: str | None = None       # also write pseudo labels here, straight from the CAMs (cams-pseudo)
+    pseudo: Any = None                  # pseudo.PseudoConfig for them (default: the reference's)
+    pseudo_jobs: int | None = None      # CRF worker processes (default: all cores)
+    keep_cams: bool = True              # False: no CAM files (needs pseudo_out)
     progress: bool = True
 
 
@@ -129,9 +133,13 @@ def manifest_config(cfg: CamsConfig, data: Dataset, ckpt_sha: str, cam_cfg: CAMC
             "max_patches": cfg.max_patches, "exif_transpose": cfg.exif_transpose, "save_init": cfg.save_init}
 
 
-def run_cams(cfg: CamsConfig, on_image: Callable[[str, dict], None] | None = None) -> Summary:
-    """Run the CAM stage. ``on_image(image_id, arrays)`` is called after each file is written."""
+def run_cams(cfg: CamsConfig) -> Summary:
+    """Run the CAM stage (and, with ``cfg.pseudo_out``, the pseudo-label CRF on its CAMs as they come)."""
     rank, world, local_rank = _dist_info()
+    if cfg.pseudo_out and world > 1:
+        raise ValueError("CAMs straight into pseudo labels run in one process; use torchrun for `make cams` only")
+    if not cfg.keep_cams and not cfg.pseudo_out:
+        raise ValueError("not keeping the CAM files only makes sense with --pseudo-out")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device, dtype = resolve_device(cfg.device, cfg.precision, local_rank)
@@ -145,10 +153,16 @@ def run_cams(cfg: CamsConfig, on_image: Callable[[str, dict], None] | None = Non
                         exact=cfg.exact, **options)
     ckpt_sha = sha256_file(cfg.clip)
     config = manifest_config(cfg, data, ckpt_sha, cam_cfg, dtype)
-    resume = check_manifest(out, config, cfg.overwrite)
+    resume = check_manifest(out, config, cfg.overwrite) if cfg.keep_cams else False
+    labeller = None
+    if cfg.pseudo_out:
+        from .pseudo import PseudoConfig, StreamingLabeller
+
+        labeller = StreamingLabeller(data, cfg.pseudo_out, cfg.pseudo or PseudoConfig(), config, cfg.pseudo_jobs,
+                                     cfg.overwrite)
 
     _barrier(world)
-    if rank == 0:
+    if rank == 0 and cfg.keep_cams:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in out.glob(".*.tmp"):  # left by a killed run
             tmp.unlink(missing_ok=True)
@@ -161,7 +175,8 @@ def run_cams(cfg: CamsConfig, on_image: Callable[[str, dict], None] | None = Non
     model = load_clip(cfg.clip, device=device, dtype=dtype)
     engine = CAMEngine(model, data.classes, cam_cfg)
     shard = ids[rank::world]
-    todo = [i for i in shard if not (out / f"{i}.npz").exists()]
+    todo = [i for i in shard if not ((not cfg.keep_cams or (out / f"{i}.npz").exists())
+                                     and (labeller is None or labeller.finished(i)))]
     summary = Summary(total=len(shard), skipped=len(shard) - len(todo))
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
     loader = DataLoader(_Images(data, todo, cfg), batch_size=None, num_workers=cfg.workers,
@@ -171,17 +186,23 @@ def run_cams(cfg: CamsConfig, on_image: Callable[[str, dict], None] | None = Non
                desc=f"cams {cfg.dataset}/{Path(cfg.split).name}")
     for batch in _batches(loader, batch_size, summary.errors):
         for item, result in _compute(engine, batch, device, dtype, summary.errors):
-            arrays = {"keys": item["labels"], "cams": result.cams, "image_size": item["image_size"]}
-            save_cams(out / f"{item['id']}.npz", cams_init=result.init if cfg.save_init else None, **arrays)
+            if cfg.keep_cams:
+                save_cams(out / f"{item['id']}.npz", item["labels"], result.cams, item["image_size"],
+                          result.init if cfg.save_init else None)
+            if labeller is not None:
+                labeller.submit(item["id"], item["labels"], result.cams)
             summary.written += 1
-            if on_image is not None:
-                on_image(item["id"], arrays)
         bar.update(len(batch) or 1)
         bar.set_postfix(failed=len(summary.errors), refresh=False)
     bar.close()
     summary.seconds = time.perf_counter() - start
     summary.failed = len(summary.errors)
-    _finish(out, config, cfg, summary, rank, world, ids)
+    if cfg.keep_cams:
+        _finish(out, config, cfg, summary, rank, world, ids)
+    if labeller is not None:  # its errors.json lists CAM failures too
+        summary.errors = labeller.close(summary.errors)
+        summary.failed = len(summary.errors)
+        summary.seconds = time.perf_counter() - start
     return summary
 
 

@@ -11,6 +11,7 @@ import sys
 from pipeline.clip import CheckpointError
 from pipeline.io import StaleOutputError
 from pipeline.stage_cams import CamsConfig, run_cams
+from stages.pseudo import add_pseudo_args, pseudo_config
 
 
 def parse_args(argv: list[str] | None = None) -> CamsConfig:
@@ -55,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
                      help="synonym fusion: one sentence (reference), mean embedding, or mean CAM")
     abl.add_argument("--affinity", choices=["caa", "mhsa", "none"], default="caa",
                      help="refinement: class-aware attention affinity, plain attention, or none")
+    ps = p.add_argument_group("pseudo labels straight from the CAMs (make cams-pseudo)")
+    ps.add_argument("--pseudo-out", default=None, help="also write CRF pseudo-label PNGs here as CAMs are computed")
+    ps.add_argument("--no-keep-cams", action="store_true", help="with --pseudo-out: write no CAM files at all")
+    ps.add_argument("-j", "--jobs", type=int, default=None, help="CRF worker processes (default: all cores)")
+    add_pseudo_args(ps)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     cam_options = {k: v for k, v in {
@@ -67,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
                       precision=a.precision, batch_size=a.batch_size, workers=a.workers, overwrite=a.overwrite,
                       exact=not a.fixed, max_patches=a.max_patches, exif_transpose=a.exif_transpose,
                       box_threshold=a.box_threshold, cam_options=cam_options, prompt_ranking=a.prompt_ranking,
-                      progress=not a.no_progress)
+                      pseudo_out=a.pseudo_out, pseudo=pseudo_config(a) if a.pseudo_out else None, pseudo_jobs=a.jobs,
+                      keep_cams=not a.no_keep_cams, progress=not a.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

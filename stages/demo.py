@@ -1,4 +1,4 @@
-"""make demo: CAMs on a few real photos (scikit-image samples) in VOC layout.
+"""make demo: CAMs, pseudo labels and pictures for a few real photos (scikit-image samples) in VOC layout.
 
     python -m stages.demo                      # tiny random CLIP: runs, but the maps mean nothing
     python -m stages.demo --clip ~/models/ViT-B-16.pt
@@ -9,9 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.datasets import build_dataset
 from pipeline.demo import make_demo_voc
+from pipeline.pseudo import PseudoConfig, run_pseudo
 from pipeline.randomclip import TINY, random_clip, save_clip
 from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.viz import run_viz
 
 BANNER = """
 ############################################################################
@@ -35,13 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     if clip is None:
         print(BANNER, file=sys.stderr)
         clip = str(save_clip(random_clip(TINY, seed=0), out / "random-tiny-clip.pt"))
-    cams = out / ("cams" if a.clip else "cams-random")
+    tag = "" if a.clip else "-random"
+    cams, pseudo, viz = out / f"cams{tag}", out / f"pseudo{tag}", out / f"viz{tag}"
     summary = run_cams(CamsConfig(dataset="voc", root=str(out / "VOC2012"), split=str(split), clip=clip,
                                   out=str(cams), save_init=True, device=a.device, overwrite=True, workers=0))
-    print(f"demo: {summary.written} CAM files in {cams} ({summary.failed} failed)")
+    data = build_dataset("voc", out / "VOC2012")
+    ids = data.ids(str(split))
+    labels = run_pseudo(data, ids, cams, pseudo, PseudoConfig(require_gt=False), overwrite=True, progress=False)
+    pictures = run_viz(data, ids, viz, cams_dir=cams, pseudo_dir=pseudo, progress=False)
+    print(f"demo: {summary.written} CAM files in {cams}, {labels['done']} pseudo labels in {pseudo}, "
+          f"panels in {pictures['index']} ({summary.failed + labels['failed'] + pictures['failed']} failed)")
     if a.clip is None:
         print(BANNER, file=sys.stderr)
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or labels["failed"] or pictures["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -41,16 +41,12 @@ def outputs(dataset: str, what: str) -> Path:
     return Path("outputs") / dataset / what
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def add_pseudo_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the labelling itself (shared with `stages.cams --pseudo-out`)."""
     from pipeline.crf import CONFIDENCE_RULES, GUIDES, CRFParams
     from pipeline.labelio import FORMATS
 
     d = CRFParams()
-    p = argparse.ArgumentParser(prog="python -m stages.pseudo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataset_args(p)
-    p.add_argument("--cams", default=None, help="CAM folder (default outputs/<dataset>/cams)")
-    p.add_argument("--out", default=None, help="label folder (default outputs/<dataset>/pseudo)")
     p.add_argument("--conf", type=float, default=0.95, help="confidence below which a pixel becomes 255")
     p.add_argument("--confidence", choices=CONFIDENCE_RULES, default="crf",
                    help="crf: max CRF marginal (reference code); raw: paper's max(1-max X, max X) on raw CAMs; "
@@ -67,20 +63,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bi-w", type=float, default=d.bi_w, help="bilateral kernel compat")
     p.add_argument("--no-require-gt", action="store_true",
                    help="label images without a ground-truth mask (the reference requires one)")
+
+
+def pseudo_config(args: argparse.Namespace):
+    """PseudoConfig from the flags of ``add_pseudo_args``."""
+    from pipeline.crf import CRFParams
+    from pipeline.pseudo import PseudoConfig
+
+    return PseudoConfig(conf=args.conf, confidence=args.confidence, guide=args.guide, power=args.power,
+                        crf=CRFParams(args.crf_iters, args.pos_xy, args.pos_w, args.bi_xy, args.bi_rgb, args.bi_w),
+                        format=args.format, require_gt=not args.no_require_gt)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.pseudo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(p)
+    p.add_argument("--cams", default=None, help="CAM folder (default outputs/<dataset>/cams)")
+    p.add_argument("--out", default=None, help="label folder (default outputs/<dataset>/pseudo)")
+    add_pseudo_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace outputs made with another configuration")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.crf import CRFParams
     from pipeline.io import StaleOutputError
-    from pipeline.pseudo import PseudoConfig, run_pseudo
+    from pipeline.pseudo import run_pseudo
 
     try:
-        cfg = PseudoConfig(conf=args.conf, confidence=args.confidence, guide=args.guide, power=args.power,
-                           crf=CRFParams(args.crf_iters, args.pos_xy, args.pos_w, args.bi_xy, args.bi_rgb, args.bi_w),
-                           format=args.format, require_gt=not args.no_require_gt)
+        cfg = pseudo_config(args)
         ds, ids = open_dataset(args)
         res = run_pseudo(ds, ids, args.cams or outputs(args.dataset, "cams"), args.out or outputs(args.dataset, "pseudo"),
                          cfg, n_jobs=args.jobs, overwrite=args.overwrite, progress=not args.no_progress)

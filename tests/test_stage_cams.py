@@ -182,3 +182,30 @@ def test_torchrun_two_processes_equal_single_process(voc_small, tiny_clip_path, 
         assert (single / name).read_bytes() == (multi / name).read_bytes(), name
     manifest = json.loads((multi / "manifest.json").read_text())
     assert manifest["counts"]["written"] == 6 and not list(multi.glob(".rank*.json"))
+
+
+def test_cams_straight_into_pseudo_labels_equal_the_two_stage_run(tmp_path, tiny_clip_path):
+    from pipeline.datasets import build_dataset
+    from pipeline.pseudo import PseudoConfig, run_pseudo
+    from pipeline.synthetic import make_scenes, split_file
+
+    root = tmp_path / "VOC"
+    make_scenes(root, 5, seed=3)
+    split = split_file(root)
+    run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "cams"))
+    data = build_dataset("voc", root)
+    run_pseudo(data, data.ids(str(split)), tmp_path / "cams", tmp_path / "two_stage", PseudoConfig(), n_jobs=1,
+               progress=False)
+    s = run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "unused", pseudo_out=str(tmp_path / "streamed"),
+                         keep_cams=False, pseudo_jobs=2))
+    assert (s.written, s.failed) == (5, 0)
+    assert not (tmp_path / "unused").exists()
+    names = sorted(p.name for p in (tmp_path / "two_stage").glob("*.png"))
+    assert len(names) == 5 and names == sorted(p.name for p in (tmp_path / "streamed").glob("*.png"))
+    for name in names:
+        assert (tmp_path / "two_stage" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes()
+    manifest = json.loads((tmp_path / "streamed" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["cams_config"]["stage"] == "cams"
+    again = run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "unused", pseudo_out=str(tmp_path / "streamed"),
+                             keep_cams=False))
+    assert (again.written, again.skipped) == (0, 5)
