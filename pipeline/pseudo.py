@@ -229,6 +229,7 @@ class StreamingLabeller:
 
     def __init__(self, dataset: Dataset, out_dir: str | Path, cfg: PseudoConfig, cams_config: Any,
                  n_jobs: int | None = None, overwrite: bool = False):
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
@@ -238,7 +239,9 @@ class StreamingLabeller:
         self.resume = check_manifest(self.out, self.config, overwrite=overwrite)
         write_manifest(self.out, self.config, status="running")
         self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
-        self.pool = ProcessPoolExecutor(self.n_jobs, initializer=_cv2_single_thread)
+        # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
+        self.pool = ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_cv2_single_thread)
         self.pending: list = []
         self.errors: dict[str, str] = {}
         self.done_count = 0
