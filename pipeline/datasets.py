@@ -231,13 +231,12 @@ class COCODataset(Dataset):
 
 class FolderDataset(Dataset):
     """A folder of images (any common extension, found recursively by file stem) with a labels file
-    (CSV or JSON: image id -> class names) and a class YAML; optional masks folder of <id>.png."""
+    (CSV or JSON: image id -> class names; needed for CAMs, not for prediction) and a class YAML;
+    optional masks folder of <id>.png."""
 
     name = "folder"
 
-    def __init__(self, root, classes: ClassList, labels_file, masks: str | Path | None = None):
-        if labels_file is None:
-            raise ValueError("the folder dataset needs a labels file (--labels labels.csv|labels.json)")
+    def __init__(self, root, classes: ClassList, labels_file=None, masks: str | Path | None = None):
         super().__init__(root, classes, labels_file)
         self.masks = Path(masks).expanduser() if masks else None
         self._paths: dict[str, Path] = {}
@@ -254,7 +253,13 @@ class FolderDataset(Dataset):
         return _first_existing([self.masks / f"{image_id}.png"]) if self.masks else None
 
     def default_ids(self, split: str) -> list[str]:
-        return list(self._labels or {})
+        """The labelled images, or every image found when there is no labels file (prediction)."""
+        if self._labels is not None:
+            return list(self._labels)
+        return sorted({str(p.relative_to(self.root).with_suffix("")) for p in self._paths.values()})
+
+    def _own_labels(self, image_id: str) -> list[int]:
+        raise SampleError(f"image {image_id}: the folder dataset needs a labels file (--labels labels.csv|labels.json)")
 
 
 def build_dataset(name: str, root: str | Path, classes: str | Path | None = None,

@@ -16,10 +16,10 @@ from pathlib import Path
 DEFAULT_SPLIT = {"voc": "train_aug", "coco": "train", "folder": "all"}
 
 
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
-    """Flags that pick a dataset and split (shared by the pseudo, eval and viz stages)."""
-    p.add_argument("--dataset", required=True, choices=("voc", "coco", "folder"))
-    p.add_argument("--root", required=True, help="dataset root (VOC2012 / COCO folder / image folder)")
+def add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Flags that pick a dataset and split (shared by the pseudo, eval, viz and model stages)."""
+    p.add_argument("--dataset", required=required, choices=("voc", "coco", "folder"))
+    p.add_argument("--root", required=required, help="dataset root (VOC2012 / COCO folder / image folder)")
     p.add_argument("--split", default=None, help="split name shipped in data/splits/<dataset>/ or a path to an id list "
                    "(default: train_aug for voc, train for coco, every labelled image for folder)")
     p.add_argument("--classes", default=None, help="class list YAML (default data/<dataset>.yaml; required for folder)")

@@ -1,0 +1,117 @@
+"""Training speed and peak memory of each model at the reference settings, side by side.
+
+    python -m benchmarks.train                      # CPU (or the GPU when one is visible)
+    python -m benchmarks.train --iters 20 --device cuda --amp bf16
+
+WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (SPEC 7.8). DeepLabV2: ResNet-101 (random init),
+batch 5, crop 321, SGD (SPEC 5.4; one micro-batch per step, iter_size 2 would double the time).
+Each model runs in its own process so peak memory is its own: CPU = peak resident set size of that
+process (weights + activations + allocator), GPU = torch.cuda.max_memory_allocated. Inputs are random
+tensors (the data pipeline is not timed); the first ``--warmup`` iterations are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+SETTINGS = {"weclip": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
+                                                          "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
+            "deeplabv2": {"batch": 5, "crop": 321, "optim": {"name": "sgd", "lr": 2.5e-4, "head_lr_mult": 10,
+                                                             "weight_decay": 5e-4, "momentum": 0.9}}}
+
+
+def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) -> None:
+    import torch
+
+    from pipeline.models import build_model, trainable_parameters
+    from pipeline.train import amp_dtype, autocast, build_optimizer, segmentation_loss
+
+    s = SETTINGS[name]
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    if name == "weclip":
+        from pipeline.randomclip import VIT_B_16, random_clip
+
+        model = build_model({"name": "weclip"}, 21, clip=random_clip(VIT_B_16, seed=0))
+    else:
+        model = build_model({"name": name, "layers": [3, 4, 23, 3], "base_width": 64, "freeze_bn": True}, 21,
+                            log=lambda *_: None)
+    model = model.to(dev).train()
+    opt = build_optimizer(model, s["optim"])
+    dtype = amp_dtype(amp, dev)
+    scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
+    x = torch.randn(s["batch"], 3, s["crop"], s["crop"], device=dev)
+    y = torch.randint(0, 21, (s["batch"], s["crop"], s["crop"]), device=dev)
+    y[:, :40] = 255
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i in range(warmup + iters):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        with autocast(dev, dtype):
+            logits = model(x)
+        loss = segmentation_loss(logits, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        kind = "cuda max_memory_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        kind = "peak RSS"
+    queue.put({"model": name, "trainable_params": trainable_parameters(model), "batch": s["batch"], "crop": s["crop"],
+               "device": str(dev), "amp": str(dtype).replace("torch.", "") if dtype else "none",
+               "threads": torch.get_num_threads(), "iters_timed": len(times),
+               "s_per_iter": round(sum(times) / len(times), 3), "iters_per_s": round(len(times) / sum(times), 4),
+               "peak_mem_mb": round(peak, 1), "memory": kind})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="weclip,deeplabv2")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per model")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = mp.get_context("spawn")
+    rows = []
+    for name in args.models.split(","):
+        q = ctx.Queue()
+        proc = ctx.Process(target=bench_one, args=(name, args.iters, args.warmup, device, args.amp, q))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            print(f"{name}: benchmark process failed (exit {proc.exitcode})", file=sys.stderr)
+            return 1
+        rows.append(q.get())
+    from pipeline.metrics import format_table
+
+    print(format_table(rows, ["model", "trainable_params", "batch", "crop", "device", "amp", "threads",
+                              "iters_timed", "s_per_iter", "iters_per_s", "peak_mem_mb", "memory"]))
+    if args.json:
+        from pipeline.io import write_json
+
+        write_json(args.json, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Segmentation training checkpoints: atomic writes, weights-only loading, compatibility checks, RNG states.
+
+A checkpoint is a torch file (read with ``weights_only=True``) holding::
+
+    format, meta {model (config section), num_classes, class_names, normalize, config}, iteration,
+    model (state_dict without frozen parts, e.g. WeCLIP's CLIP encoder), optimizer, scaler, scheduler,
+    rng [per-rank {torch, cuda, numpy, python}]
+
+A run folder keeps ``checkpoints/iter_XXXXXXX.pt`` and ``checkpoints/latest.json`` pointing to the
+newest; both are written atomically, the pointer last, so a killed run always resumes from a whole file.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .io import atomic_open, write_json
+
+FORMAT = "wsss-seg-checkpoint/1"
+LATEST = "latest.json"
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint belongs to another model, class list or file format; the message says which."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without the frozen parts the model names in ``frozen_prefixes`` (cloned to CPU)."""
+    model = unwrap(model)
+    skip = tuple(getattr(model, "frozen_prefixes", ()))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+
+
+def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model``; every non-frozen key must be present with the right shape."""
+    model = unwrap(model)
+    skip = tuple(getattr(model, "frozen_prefixes", ()))
+    own = {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
+                 f"shape mismatch {shapes[:3]}" if shapes else ""]
+        raise CheckpointMismatch(f"{source}: weights do not fit this model ({'; '.join(p for p in parts if p)})")
+    model.load_state_dict(dict(state), strict=False)
+
+
+# ------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """Every global RNG this process uses, in weights-only-loadable types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(cached)],
+             "python": list(random.getstate()[1]), "python_version": random.getstate()[0]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what ``rng_state`` captured."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ files
+def save(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Write a checkpoint atomically (temp file + fsync + rename): a kill never leaves half a file."""
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
+    return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder / its checkpoints folder -> the file ``latest.json`` names."""
+    path = Path(path).expanduser()
+    for folder in (path / "checkpoints", path):
+        pointer = folder / LATEST
+        if path.is_dir() and pointer.is_file():
+            name = json.loads(pointer.read_text())["file"]
+            return folder / name
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"{path}: no checkpoint file, and no checkpoints/{LATEST} in it (has the run saved one?)")
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; ``CheckpointMismatch`` when it is not one of ours."""
+    path = resolve(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatch(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointMismatch(f"{path}: not a segmentation checkpoint of this project (format "
+                                 f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "
+                                 f"expected {FORMAT!r})")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def check_compatible(ckpt: Mapping[str, Any], model_name: str, class_names: list[str]) -> None:
+    """Refuse a checkpoint of another model or class list, naming the file and both sides."""
+    meta = ckpt["meta"]
+    src = ckpt.get("path", "checkpoint")
+    if meta["model"].get("name") != model_name:
+        raise CheckpointMismatch(f"{src}: checkpoint is a {meta['model'].get('name')!r} model, this run builds "
+                                 f"{model_name!r}")
+    if list(meta["class_names"]) != list(class_names):
+        raise CheckpointMismatch(f"{src}: checkpoint has {meta['num_classes']} classes ({', '.join(meta['class_names'][:5])}"
+                                 f", ...), this run has {len(class_names)} ({', '.join(class_names[:5])}, ...)")
+
+
+def write_latest(folder: str | Path, file: str, iteration: int) -> None:
+    write_json(Path(folder) / LATEST, {"file": file, "iteration": iteration})
+
+
+def prune(folder: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``iter_*.pt`` files (keep <= 0 keeps all)."""
+    if keep <= 0:
+        return
+    files = sorted(Path(folder).glob("iter_*.pt"))
+    for f in files[:-keep]:
+        f.unlink(missing_ok=True)

@@ -1,0 +1,232 @@
+"""Inference for trained segmentation models: multi-scale + flip, sliding window, optional dense CRF,
+palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` (SPEC 7.9, 5.4).
+
+Per image: optional resize of the long side (WeCLIP: 512), then for each scale s the logits of the
+image and of its mirror (flipped back) are averaged, resized to the image size, averaged over scales,
+softmaxed; the CRF (when on) refines these probabilities with the plain RGB image as guide.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .classes import IGNORE_INDEX
+from .crf import CRFParams, dense_crf, plain_guide, unary_energy
+from .io import write_bytes
+from .labelio import FORMATS, write_label
+from .segdata import normalize
+from .viz import overlay
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """scales: relative to the (resized) image; long_side: resize the long side to this first (None: keep);
+    window/stride: sliding-window tile and step in pixels when a side exceeds ``window`` (None: whole image);
+    crf: dense CRF on the softmax (SPEC 5.4 deeplab-pytorch parameters by default)."""
+
+    scales: tuple[float, ...] = (1.0, 0.75)
+    flip: bool = True
+    long_side: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    crf: bool = False
+    crf_params: CRFParams = field(default_factory=CRFParams)
+    normalize: str = "imagenet"
+    batch_tiles: int = 4
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "InferConfig":
+        d = dict(d or {})
+        if "crf_params" in d and isinstance(d["crf_params"], dict):
+            d["crf_params"] = CRFParams(**d["crf_params"])
+        if "scales" in d:
+            d["scales"] = tuple(float(s) for s in d["scales"])
+        return cls(**d)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------ pure parts
+def tile_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of tiles of ``window`` along a side of ``size`` with step ``stride``, the last
+    tile flush with the end (so every pixel is covered)."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    return starts + [size - window]
+
+
+@torch.no_grad()
+def window_logits(model: nn.Module, x: torch.Tensor, window: int | None, stride: int | None,
+                  batch_tiles: int = 4) -> torch.Tensor:
+    """x (1, 3, H, W) -> logits (1, C, H, W); tiles of ``window`` averaged where they overlap when a
+    side exceeds the window, one forward otherwise."""
+    H, W = x.shape[-2:]
+    if window is None or (H <= window and W <= window):
+        return model(x).float()
+    stride = stride or max(1, window * 2 // 3)
+    boxes = [(y, xx) for y in tile_starts(H, window, stride) for xx in tile_starts(W, window, stride)]
+    out, count = None, torch.zeros(1, 1, H, W, device=x.device)
+    for i in range(0, len(boxes), batch_tiles):
+        chunk = boxes[i:i + batch_tiles]
+        tiles = torch.cat([x[..., y:y + window, xx:xx + window] for y, xx in chunk])
+        logits = model(tiles).float()
+        if out is None:
+            out = torch.zeros(1, logits.shape[1], H, W, device=x.device)
+        for t, (y, xx) in enumerate(chunk):
+            h, w = logits.shape[-2:]
+            out[..., y:y + h, xx:xx + w] += logits[t:t + 1]
+            count[..., y:y + h, xx:xx + w] += 1
+    return out / count
+
+
+@torch.no_grad()
+def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
+    """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2."""
+    H, W = x.shape[-2:]
+    base = x
+    if cfg.long_side:
+        r = cfg.long_side / max(H, W)
+        base = F.interpolate(x, size=(int(H * r), int(W * r)), mode="bilinear", align_corners=False)
+    total = None
+    for s in cfg.scales:
+        xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
+        logits = window_logits(model, xs, cfg.window, cfg.stride, cfg.batch_tiles)
+        if cfg.flip:
+            flipped = window_logits(model, xs.flip(-1), cfg.window, cfg.stride, cfg.batch_tiles)
+            logits = (logits + flipped.flip(-1)) / 2
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        total = logits if total is None else total + logits
+    return total / len(cfg.scales)
+
+
+def crf_refine(image_rgb: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """RGB uint8 (H, W, 3), softmax probabilities float (C, H, W) -> CRF marginals float32 (C, H, W)."""
+    return dense_crf(unary_energy(probs.astype(np.float32)), plain_guide(image_rgb), params)
+
+
+def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, device: torch.device) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (H, W) label map (0 background, c + 1 class c)."""
+    x = normalize(image_rgb, cfg.normalize)[None].to(device)
+    logits = msc_logits(model, x, cfg)[0]
+    if cfg.crf:
+        probs = torch.softmax(logits, dim=0).cpu().numpy()
+        return np.argmax(crf_refine(image_rgb, probs, cfg.crf_params), axis=0).astype(np.uint8)
+    return logits.argmax(dim=0).byte().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------- model files
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", clip: str | Path | None = None,
+               log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """(eval-mode model on ``device``, checkpoint meta) from a checkpoint file or run folder.
+
+    ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine)."""
+    from .models import build_model
+
+    ck = ckpt_io.load(checkpoint)
+    meta = ck["meta"]
+    model_cfg = dict(meta["model"])
+    if clip:
+        model_cfg["clip"] = str(clip)
+    model_cfg["pretrained"] = None  # the checkpoint holds the trained weights
+    model = build_model(model_cfg, int(meta["num_classes"]), log=lambda *_: None)
+    ckpt_io.load_model_state(model, ck["model"], ck["path"])
+    log(f"model {model_cfg['name']} from {ck['path']} (iteration {ck.get('iteration')})")
+    return model.to(device).eval(), meta
+
+
+# --------------------------------------------------------------------------------- split runners
+def _read_rgb(path: str | Path) -> np.ndarray:
+    from .image import load_image
+
+    return np.asarray(load_image(path).convert("RGB"), dtype=np.uint8)
+
+
+def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | Path, cfg: InferConfig,
+                  device: torch.device, fmt: str = "palette", gt: bool = False, overwrite: bool = True,
+                  progress: bool = True, overlay_dir: str | Path | None = None) -> dict[str, Any]:
+    """Predict every id; writes ``<out_dir>/<id>.png`` (``fmt`` palette/gray) atomically, and with
+    ``overlay_dir`` a JPEG of the labels blended over the image. With ``gt`` the prediction is
+    compared with the dataset's mask (confusion summed in 'conf').
+
+    Returns {total, done, failed, seconds, images_per_s, conf (or None), errors {id: message}}."""
+    from tqdm import tqdm
+
+    from .datasets import read_mask
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    from .metrics import confusion_matrix
+
+    out_dir = Path(out_dir) if out_dir is not None else None
+    n = dataset.classes.num_classes + 1
+    conf = np.zeros((n, n), np.int64) if gt else None
+    errors: dict[str, str] = {}
+    t0 = time.perf_counter()
+    model.eval()
+    for image_id in tqdm(ids, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            image = _read_rgb(dataset.image_path(image_id))
+            mask = None
+            if gt:
+                path = dataset.mask_path(image_id)
+                if path is None:
+                    raise FileNotFoundError(f"image {image_id}: no ground-truth mask to evaluate against")
+                mask = read_mask(Path(path), n - 1)
+                if mask.shape != image.shape[:2]:
+                    raise ValueError(f"{path}: mask size {mask.shape} differs from the image {image.shape[:2]}")
+            label = predict_image(model, image, cfg, device)
+            if out_dir is not None:
+                target = out_dir / f"{image_id}.png"
+                if overwrite or not target.exists():
+                    write_label(target, label, fmt)
+            if overlay_dir is not None:
+                ok, jpg = cv2.imencode(".jpg", overlay(label, image)[..., ::-1])
+                if not ok:
+                    raise ValueError(f"image {image_id}: could not encode its overlay")
+                write_bytes(Path(overlay_dir) / f"{image_id}.jpg", jpg.tobytes())
+            if mask is not None:
+                conf += confusion_matrix(label, mask, n, IGNORE_INDEX)
+        except (ValueError, OSError) as e:
+            errors[image_id] = str(e)
+    seconds = time.perf_counter() - t0
+    return {"total": len(ids), "done": len(ids) - len(errors), "failed": len(errors), "seconds": round(seconds, 3),
+            "images_per_s": round(len(ids) / seconds, 3) if seconds > 0 else None, "conf": conf, "errors": errors}
+
+
+def evaluate_model(checkpoint: str | Path, dataset, ids: Sequence[str], *, out_dir: str | Path | None = None,
+                   infer: dict[str, Any] | InferConfig | None = None, device: str | None = None,
+                   clip: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """``make eval WHAT=model``: predict ``ids`` with a trained checkpoint (file or run folder) and score
+    them against the dataset's ground truth with ``metrics.confusion_matrix`` / ``mean_iou``.
+
+    ``infer``: an ``InferConfig`` or dict of its fields; default: the config stored in the checkpoint.
+    ``out_dir``: also write the predicted label PNGs there. Returns {what: 'model', miou, accuracy, conf,
+    evaluated, failed, errors, checkpoint, infer, seconds, images_per_s}; ``conf`` feeds
+    ``metrics.per_class_rows`` / ``write_tables`` like the pseudo-label evaluation.
+    """
+    from .metrics import mean_iou, pixel_accuracy
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_model(checkpoint, dev, clip, log=lambda *_: None)
+    if list(meta["class_names"]) != ["background", *dataset.classes.names]:
+        raise ckpt_io.CheckpointMismatch(f"{checkpoint}: trained for {meta['num_classes']} classes "
+                                         f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has "
+                                         f"{dataset.classes.num_classes + 1} ({', '.join(dataset.classes.names[:3])}, ...)")
+    cfg = infer if isinstance(infer, InferConfig) else InferConfig.from_dict(
+        {**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"), **(infer or {})})
+    res = predict_split(model, dataset, ids, out_dir, cfg, dev, gt=True, progress=progress)
+    return {"what": "model", "miou": mean_iou(res["conf"]), "accuracy": pixel_accuracy(res["conf"]),
+            "conf": res["conf"], "evaluated": res["done"], "failed": res["failed"], "errors": res["errors"],
+            "checkpoint": str(ckpt_io.resolve(checkpoint)), "infer": cfg.as_dict(), "seconds": res["seconds"],
+            "images_per_s": res["images_per_s"]}

@@ -1,0 +1,69 @@
+"""Evaluate a trained segmentation model against ground truth (make eval WHAT=model).
+
+    python -m stages.evaluate_model --checkpoint outputs/voc/train/weclip_voc --dataset voc --root ~/data/VOC2012 --split val
+
+mIoU over classes present in the ground truth (pipeline.metrics, the same as the pseudo-label evaluation);
+per-class IoU / precision / recall in <out>/per_class.{csv,json,md}, summary in <out>/summary.json.
+--save-predictions also writes the label PNGs. Exit status: 0 ok, 1 some images failed, 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stages.predict import add_infer_args, infer_overrides
+from stages.pseudo import add_dataset_args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.evaluate_model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(p)
+    add_infer_args(p)
+    p.add_argument("--out", default=None, help="report folder (default outputs/<dataset>/eval/model_<split>)")
+    p.add_argument("--save-predictions", action="store_true", help="also write label PNGs to <out>/predictions")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline import metrics as M
+    from pipeline.checkpoint import CheckpointMismatch
+    from pipeline.clip import CheckpointError
+    from pipeline.infer import evaluate_model
+    from pipeline.io import write_errors, write_json, write_manifest
+    from stages.pseudo import open_dataset
+
+    try:
+        ds, ids = open_dataset(args)
+        split = Path(args.split).stem if args.split else "default"
+        out = Path(args.out) if args.out else Path("outputs") / args.dataset / "eval" / f"model_{split}"
+        res = evaluate_model(args.checkpoint, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
+                             infer=infer_overrides(args), device=args.device, clip=args.clip,
+                             progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
+    summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
+               "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],
+               "scales": list(res["infer"]["scales"]), "flip": res["infer"]["flip"], "crf": res["infer"]["crf"]}
+    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+    title = f"{args.dataset} {split}: segmentation model"
+    M.write_tables(out, "per_class", rows, summary, title)
+    write_json(out / "summary.json", summary)
+    write_errors(out, res["errors"])
+    write_manifest(out, {"stage": "evaluate_model", "checkpoint": res["checkpoint"], "infer": res["infer"],
+                         "split": split})
+    print(title)
+    print(M.format_table(rows))
+    print(f"mIoU: {summary['miou'] if summary['miou'] is None else round(summary['miou'], 2)}  "
+          f"({res['evaluated']} images, {res['images_per_s']} img/s)")
+    for image_id, msg in list(res["errors"].items())[:10]:
+        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Predict label PNGs with a trained segmentation model (multi-scale + flip, sliding window, optional CRF).
+
+    python -m stages.predict --checkpoint outputs/voc/train/weclip_voc --dataset voc --root ~/data/VOC2012 --split val
+    python -m stages.predict --checkpoint outputs/voc/train/weclip_voc --images some/folder     # any images
+
+Inference settings default to those stored in the checkpoint (the training config's ``infer`` section);
+flags override them. Outputs: <out>/<id>.png (palette by default: 0 background, c + 1 class c) and
+<out>/overlay/<id>.jpg (the labels blended over the image; --no-overlays to skip).
+Exit status: 0 ok, 1 some images failed (see errors.json), 2 bad arguments or checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.classes import ClassList
+from pipeline.datasets import FolderDataset
+from stages.pseudo import add_dataset_args, open_dataset
+
+
+def add_infer_args(p: argparse.ArgumentParser) -> None:
+    """Checkpoint and inference flags (shared with stages.evaluate_model)."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or training run folder (uses its latest)")
+    p.add_argument("--clip", default=None, help="CLIP checkpoint path, if not where the weclip run had it")
+    p.add_argument("--scales", default=None, help="comma-separated test scales, e.g. 1.0,0.75")
+    p.add_argument("--flip", dest="flip", action="store_true", default=None, help="add flipped predictions")
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    p.add_argument("--crf", dest="crf", action="store_true", default=None, help="dense CRF on the softmax (SPEC 5.4)")
+    p.add_argument("--no-crf", dest="crf", action="store_false")
+    p.add_argument("--long-side", type=int, default=None, help="resize the long side to this first (WeCLIP: 512)")
+    p.add_argument("--window", type=int, default=None, help="sliding-window tile size for large images")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window step (default 2/3 of the window)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def infer_overrides(args: argparse.Namespace) -> dict:
+    d = {}
+    if args.scales:
+        d["scales"] = [float(s) for s in args.scales.split(",")]
+    for k in ("flip", "crf", "long_side", "window", "stride"):
+        if getattr(args, k) is not None:
+            d[k] = getattr(args, k)
+    return d
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from pipeline.labelio import FORMATS
+
+    p = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(p, required=False)
+    p.add_argument("--images", default=None, help="a folder of images to segment (instead of --dataset/--root)")
+    p.add_argument("--no-overlays", action="store_true", help="no overlay pictures next to the label PNGs")
+    add_infer_args(p)
+    p.add_argument("--format", choices=FORMATS, default="palette")
+    p.add_argument("--out", default=None, help="output folder (default outputs/<dataset>/predict/<split>)")
+    args = p.parse_args(argv)
+    if bool(args.images) == bool(args.dataset or args.root):
+        p.error("give either --images DIR or --dataset and --root")
+    if args.dataset and not args.root or args.root and not args.dataset:
+        p.error("--dataset and --root go together")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from pipeline.checkpoint import CheckpointMismatch
+    from pipeline.clip import CheckpointError
+    from pipeline.infer import InferConfig, load_model, predict_split
+    from pipeline.io import write_errors, write_manifest
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, meta = load_model(args.checkpoint, device, args.clip)
+        if args.images:  # the checkpoint knows its classes; no labels are needed to predict
+            names = tuple(meta["class_names"][1:])
+            ds = FolderDataset(args.images, ClassList(names=names, prompts=names, background=()))
+            ids = ds.ids("all")
+            args.dataset = "images"
+        else:
+            ds, ids = open_dataset(args)
+        if list(meta["class_names"]) != ["background", *ds.classes.names]:
+            raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
+                                     f"has {ds.classes.num_classes + 1}")
+        cfg = InferConfig.from_dict({**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"),
+                                     **infer_overrides(args)})
+        split = Path(args.split).stem if args.split else "default"
+        out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / split
+        res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
+                            overlay_dir=None if args.no_overlays else out / "overlay")
+    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write_errors(out, res["errors"])
+    write_manifest(out, {"stage": "predict", "checkpoint": str(args.checkpoint), "infer": cfg.as_dict(),
+                         "format": args.format}, summary={k: v for k, v in res.items() if k not in ("conf", "errors")})
+    print(f"{res['done']}/{res['total']} label PNGs in {out} ({res['images_per_s']} img/s)")
+    for image_id, msg in list(res["errors"].items())[:10]:
+        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    return 1 if res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

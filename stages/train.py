@@ -1,0 +1,62 @@
+"""Train a segmentation model (WeCLIP decoder on frozen CLIP, or DeepLab) on pseudo labels.
+
+    python -m stages.train --config configs/weclip_voc.yaml --root ~/data/VOC2012 --clip ~/models/ViT-B-16.pt
+    python -m stages.train --config configs/deeplab_voc.yaml --root ~/data/VOC2012 \
+        --set model.pretrained=~/models/resnet101.pth --set schedule.iters=20000
+    torchrun --nproc_per_node 4 -m stages.train --config ...        # DDP (NCCL on GPUs, gloo on CPUs)
+
+--set section.key=value overrides any config key (values parsed as YAML). --resume continues the run
+in --out exactly where its last checkpoint left it. Exit status: 0 done, 2 bad config or inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set schedule.iters=1000 (repeatable)")
+    p.add_argument("--root", help="= --set data.root=...")
+    p.add_argument("--dataset", help="= --set data.dataset=...")
+    p.add_argument("--pseudo", help="pseudo-label folder (= --set data.pseudo=...)")
+    p.add_argument("--clip", help="CLIP checkpoint for weclip (= --set model.clip=...)")
+    p.add_argument("--gt", action="store_true", help="fully supervised: train on ground-truth masks")
+    p.add_argument("--out", default=None, help="run folder (default outputs/<dataset>/train/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, help="save and stop after this iteration (resume later)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-tensorboard", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline.checkpoint import CheckpointMismatch
+    from pipeline.clip import CheckpointError
+    from pipeline.datasets import SampleError
+    from pipeline.train import dist_env, load_config, train
+
+    shortcuts = [f"data.root={args.root}" if args.root else "", f"data.dataset={args.dataset}" if args.dataset else "",
+                 f"data.pseudo={args.pseudo}" if args.pseudo else "", f"model.clip={args.clip}" if args.clip else "",
+                 "data.supervision=gt" if args.gt else ""]
+    try:
+        cfg = load_config(args.config, [s for s in shortcuts if s] + args.overrides)
+        out = Path(args.out) if args.out else Path("outputs") / cfg["data"]["dataset"] / "train" / Path(args.config).stem
+        res = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
+                    tensorboard=not args.no_tensorboard)
+    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch, SampleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dist_env()[0] == 0:
+        print(json.dumps({**res, "out": str(out)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

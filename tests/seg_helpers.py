@@ -1,0 +1,71 @@
+"""Synthetic segmentation data for the training/inference tests: scenes with ground truth, a small class
+list, and noisy pseudo labels (shifted boundaries, swapped classes, 255 holes) written as label PNGs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from pipeline import metrics, synthetic
+from pipeline.classes import IGNORE_INDEX, ClassList
+from pipeline.datasets import build_dataset, read_mask
+from pipeline.labelio import write_label
+
+NAMES = ["aeroplane", "bicycle", "bird", "boat"]
+
+
+def noisy_label(gt: np.ndarray, rng: np.random.Generator, num_classes: int, swap: float = 0.25,
+                grow: tuple[int, int] = (3, 8), holes: int = 2) -> np.ndarray:
+    """GT (H, W) -> a pseudo label as CAM pipelines get them wrong: each object dilated or eroded by
+    3-7 px, relabelled to a random class with probability ``swap``, plus ``holes`` rectangles of 255."""
+    H, W = gt.shape
+    out = np.where(gt == IGNORE_INDEX, 0, gt).astype(np.uint8)
+    for c in np.unique(gt):
+        if c in (0, IGNORE_INDEX):
+            continue
+        m = (gt == c).astype(np.uint8)
+        k = int(rng.integers(*grow))
+        ker = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
+        m2 = cv2.dilate(m, ker) if rng.random() < 0.5 else cv2.erode(m, ker)
+        out[(m == 1) & (m2 == 0)] = 0
+        out[m2 == 1] = c if rng.random() > swap else int(rng.integers(1, num_classes + 1))
+    for _ in range(holes):
+        y, x = int(rng.integers(0, H - 16)), int(rng.integers(0, W - 16))
+        out[y:y + int(rng.integers(8, 24)), x:x + int(rng.integers(8, 24))] = IGNORE_INDEX
+    return out
+
+
+def make_data(root: Path, n_train: int, n_val: int, size=(128, 160), seed: int = 1) -> dict:
+    """Scenes in VOC layout + classes.yaml (4 classes) + noisy pseudo labels under root/pseudo.
+
+    Returns {root, classes, train, val, pseudo, train_ids, val_ids, noisy_miou}; noisy_miou is the
+    pseudo labels' own mIoU against the ground truth (255 read as background)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cls_yaml = root / "classes.yaml"
+    cls_yaml.write_text(yaml.safe_dump({"classes": NAMES}))
+    classes = ClassList.from_yaml(cls_yaml)
+    tr = synthetic.make_scenes(root, n_train, size, seed=seed, classes=classes, split="train", prefix="tr")
+    va = synthetic.make_scenes(root, n_val, size, seed=seed + 1, classes=classes, split="val", prefix="va") if n_val else []
+    ds = build_dataset("voc", root, cls_yaml)
+    rng = np.random.default_rng(seed)
+    n = len(NAMES) + 1
+    conf = np.zeros((n, n), np.int64)
+    for i in tr:
+        gt = read_mask(ds.mask_path(i), len(NAMES))
+        lab = noisy_label(gt, rng, len(NAMES))
+        write_label(root / "pseudo" / f"{i}.png", lab)
+        conf += metrics.confusion_matrix(np.where(lab == IGNORE_INDEX, 0, lab), gt, n)
+    return {"root": root, "classes": cls_yaml, "train": synthetic.split_file(root, "train"),
+            "val": synthetic.split_file(root, "val") if n_val else None, "pseudo": root / "pseudo",
+            "train_ids": tr, "val_ids": va, "noisy_miou": metrics.mean_iou(conf)}
+
+
+def overrides(d: dict, **extra) -> list[str]:
+    """Config overrides pointing a training run at ``make_data``'s folder (CPU, no workers)."""
+    items = {"data.root": d["root"], "data.classes": d["classes"], "data.pseudo": d["pseudo"],
+             "data.split": d["train"], "data.val_split": d["val"], "data.workers": 0, "train.device": "cpu",
+             "train.ckpt_every": 10**6, "train.val_every": 10**6, **extra}
+    return [f"{k}={'null' if v is None else v}" for k, v in items.items()]

@@ -1,0 +1,131 @@
+"""Inference: sliding window and multi-scale/flip, the CRF on model probabilities, palette PNG outputs,
+and make eval WHAT=model scored with pipeline.metrics."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from pipeline import checkpoint as ckpt_io
+from pipeline import metrics
+from pipeline.datasets import build_dataset, read_mask
+from pipeline.infer import InferConfig, crf_refine, evaluate_model, msc_logits, tile_starts, window_logits
+from pipeline.train import load_config, train
+from seg_helpers import make_data, overrides
+
+
+class Pointwise(nn.Module):
+    """A 1x1 conv: each output pixel depends on its input pixel only (flip- and tile-equivariant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_tiles_cover_the_image_and_window_equals_whole_image():
+    assert tile_starts(100, 40, 30) == [0, 30, 60] and tile_starts(30, 40, 10) == [0]
+    model = Pointwise().eval()
+    x = torch.randn(1, 3, 70, 95)
+    whole = model(x)
+    assert torch.allclose(window_logits(model, x, 32, 20, batch_tiles=3), whole, atol=1e-6)
+    assert torch.allclose(msc_logits(model, x, InferConfig(scales=(1.0,), flip=True)), whole, atol=1e-6)
+    smooth = nn.functional.interpolate(torch.randn(1, 3, 7, 10), size=(70, 95), mode="bilinear")
+    two = msc_logits(model, smooth, InferConfig(scales=(1.0, 0.75), flip=True, window=48))
+    assert two.shape == whole.shape and (two.argmax(1) == model(smooth).argmax(1)).float().mean() > 0.9
+
+
+def test_crf_on_blurred_probabilities_recovers_edges():
+    H, W = 60, 80
+    gt = np.zeros((H, W), np.int64)
+    gt[15:45, 20:60] = 1
+    image = np.where(gt[..., None] == 1, [200, 40, 40], [40, 120, 60]).astype(np.uint8)
+    import cv2
+
+    fg = cv2.GaussianBlur(gt.astype(np.float32), (0, 0), 6)
+    fg = np.roll(fg, 5, axis=1)  # blurred and shifted, like an upsampled 1/16 prediction
+    probs = np.stack([1 - fg, fg]).clip(0.02, 0.98)
+    before = (probs.argmax(0) == gt).mean()
+    q = crf_refine(image, probs, InferConfig().crf_params)
+    after = (q.argmax(0) == gt).mean()
+    assert InferConfig().crf_params.bi_xy == 67 and InferConfig().crf_params.iters == 10  # SPEC 5.4
+    assert after > before + 0.02 and after > 0.97
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = make_data(tmp_path_factory.mktemp("infer"), 16, 3, size=(96, 128), seed=3)
+    cfg = load_config(None, overrides(d, **{"model.name": "deeplabv2", "model.layers": "[1,1,1,1]",
+                                            "model.base_width": 8, "model.freeze_bn": "false", "optim.lr": 1e-3,
+                                            "schedule.iters": 40, "data.crop": 64, "train.batch_size": 4,
+                                            "infer.scales": "[1.0, 0.75]", "infer.window": 80}))
+    run = tmp_path_factory.mktemp("run")
+    train(cfg, run, progress=False, tensorboard=False, log=lambda *_: None)
+    return d, run
+
+
+def test_evaluate_model_scores_with_pipeline_metrics_and_writes_palette_pngs(trained, tmp_path):
+    d, run = trained
+    ds = build_dataset("voc", d["root"], d["classes"])
+    res = evaluate_model(run, ds, d["val_ids"], out_dir=tmp_path / "pred", device="cpu", progress=False)
+    assert res["evaluated"] == 3 and res["failed"] == 0 and res["infer"]["scales"] == (1.0, 0.75)
+    conf = np.zeros((5, 5), np.int64)
+    for i in d["val_ids"]:
+        with Image.open(tmp_path / "pred" / f"{i}.png") as im:
+            assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]  # VOC palette
+            pred = np.asarray(im)
+        gt = read_mask(ds.mask_path(i), 4)
+        assert pred.shape == gt.shape and set(np.unique(pred)) <= set(range(5))
+        conf += metrics.confusion_matrix(pred, gt, 5)
+    assert np.array_equal(conf, res["conf"]) and res["miou"] == pytest.approx(metrics.mean_iou(conf))
+    crf = evaluate_model(run, ds, d["val_ids"][:1], infer={"crf": True, "scales": [1.0]}, device="cpu", progress=False)
+    assert crf["infer"]["crf"] and crf["evaluated"] == 1
+
+
+def test_cli_predict_and_evaluate_model(trained, tmp_path):
+    from stages import evaluate_model as ev
+    from stages import predict
+
+    d, run = trained
+    common = ["--dataset", "voc", "--root", str(d["root"]), "--classes", str(d["classes"]), "--split", str(d["val"]),
+              "--checkpoint", str(run), "--no-progress", "--device", "cpu"]
+    assert predict.main(common + ["--out", str(tmp_path / "p"), "--scales", "1.0", "--no-flip"]) == 0
+    assert sorted(p.stem for p in (tmp_path / "p").glob("*.png")) == sorted(d["val_ids"])
+    assert ev.main(common + ["--out", str(tmp_path / "e")]) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["images"] == 3 and 0 <= summary["miou"] <= 100
+    # a checkpoint for 5 classes cannot evaluate a 21-class dataset
+    voc21 = ["--classes", "data/voc.yaml"]
+    assert ev.main(common[:4] + voc21 + common[6:] + ["--out", str(tmp_path / "x")]) == 2
+
+
+def test_checkpoint_for_other_classes_is_refused(trained, tmp_path):
+    d, run = trained
+    ck = ckpt_io.load(run)
+    ck["meta"]["class_names"] = ["background", "x", "y", "z", "w"]
+    ckpt_io.save(tmp_path / "c.pt", {k: v for k, v in ck.items() if k not in ("format", "path")})
+    ds = build_dataset("voc", d["root"], d["classes"])
+    with pytest.raises(ckpt_io.CheckpointMismatch, match="c.pt"):
+        evaluate_model(tmp_path / "c.pt", ds, d["val_ids"], device="cpu", progress=False)
+
+
+def test_predict_cli_on_a_plain_image_folder(trained, tmp_path):
+    """make predict IMAGES=folder: no dataset, labels or class list needed; PNGs and overlays."""
+    from pipeline.labelio import read_label
+    from stages.predict import main as predict_main
+
+    _, run = trained
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(folder / "a.jpg")
+    Image.fromarray(rng.integers(0, 255, (33, 47, 3), dtype=np.uint8)).save(folder / "sub" / "b.png")
+    out = tmp_path / "pred"
+    assert predict_main(["--checkpoint", str(run), "--images", str(folder), "--out", str(out), "--no-progress",
+                         "--device", "cpu"]) == 0
+    assert read_label(out / "a.png").shape == (40, 52) and read_label(out / "sub" / "b.png").shape == (33, 47)
+    assert Image.open(out / "overlay" / "a.jpg").size == (52, 40)
