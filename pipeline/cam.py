@@ -17,7 +17,7 @@ import torch
 
 from .affinity import box_masks, mean_attention, minmax, refine, transition_matrix
 from .classes import ClassList
-from .clip import CLIP, acc_dtype
+from .clip import CLIP, acc_dtype, attention_weights
 from .text import text_variants
 
 
@@ -177,7 +177,8 @@ class CAMEngine:
         inits: list[torch.Tensor | None] = [None] * len(labels)
         with torch.enable_grad():
             h = last.ln_1(inter.tokens).detach().requires_grad_(True)
-            x, attn_last, _ = last(inter.tokens, weights="mean", ln1_out=h)
+            # the fused kernel differentiates faster; block 12's map for CAA is recomputed without grad
+            x, _, (q, k, _) = last(inter.tokens, ln1_out=h, return_qkv=True)
             emb = visual.pool(x, "patch_mean")
             emb = emb.to(acc_dtype(emb.dtype))
             emb = emb / emb.norm(dim=-1, keepdim=True)
@@ -195,7 +196,9 @@ class CAMEngine:
                     inits[b] = m if inits[b] is None else inits[b] + m
         if variants > 1:  # CAM-level synonym fusion: mean of the per-synonym maps
             inits = [minmax(m / variants) for m in inits]
-        attns = [inter.attentions[i] for i in sorted(inter.attentions)] + [attn_last.detach()]
+        with torch.no_grad():
+            attn_last = attention_weights(q.detach(), k.detach()).mean(dim=1)
+        attns = [inter.attentions[i] for i in sorted(inter.attentions)] + [attn_last]
         attn = mean_attention(attns, cfg.attention_layers)
         trans = transition_matrix(attn, cfg.sinkhorn_rounds, cfg.power) if cfg.affinity == "caa" else attn
         results = []

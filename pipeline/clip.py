@@ -44,6 +44,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √d + mask) per head: q, k (B, H, L, d) -> (B, H, L, L) (q scaled first, as
+    nn.MultiheadAttention does)."""
+    logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits + mask
+    return logits.softmax(dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj``), batch-first, optionally returning weights and q/k/v."""
@@ -68,10 +77,7 @@ class Attention(nn.Module):
         if weights is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-            if mask is not None:
-                logits = logits + mask
-            a = logits.softmax(dim=-1)
+            a = attention_weights(q, k, mask)
             out = a @ v
             attn = a.mean(dim=1) if weights == "mean" else a
         out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
