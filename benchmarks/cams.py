@@ -112,11 +112,13 @@ def gpu_bench(args, ckpt: Path) -> None:
                 engine(x, labels)
             torch.cuda.synchronize()
             per = (time.perf_counter() - start) / args.repeat
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            visual = model.visual
             with torch.no_grad():
-                floor = timed(lambda: (model.visual(x), torch.cuda.synchronize()), args.repeat)
+                floor = timed(lambda: (visual(x), torch.cuda.synchronize()), args.repeat)
             print(f"  GPU {str(dtype).removeprefix('torch.')} batch {bs:3d}: {bs / per:8.1f} img/s "
-                  f"(floor {bs / floor:8.1f} img/s), peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        del model, engine
+                  f"(floor {bs / floor:8.1f} img/s), peak {peak:.2f} GiB")
+        model = engine = None
         torch.cuda.empty_cache()
 
 

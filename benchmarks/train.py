@@ -12,7 +12,6 @@ tensors (the data pipeline is not timed); the first ``--warmup`` iterations are 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import sys

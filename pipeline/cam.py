@@ -92,9 +92,10 @@ def numpy_pairwise_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exact: bool = True) -> torch.Tensor:
-    """GradCAM maps from one image's hooked tokens and per-class gradients (SPEC 2.3-2.8).
+    """GradCAM maps from hooked tokens and per-class gradients (SPEC 2.3-2.8), for one image or a batch.
 
-    acts (n, D), grads (K, n, D), patch tokens row-major on ``grid`` = (h, w) -> (K, h, w) float32:
+    acts (..., n, D), grads (K, ..., n, D), patch tokens row-major on ``grid`` = (h, w)
+    -> (K, ..., h, w) float32:
     α = spatial mean of the gradient, ReLU(Σ_c α_c A_c), min-max normalised twice (the reference's
     per-layer scaling followed by its one-layer aggregation).
 
@@ -104,20 +105,19 @@ def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exac
     in fp16, and the channel sum as a float32 pairwise sum rounded once to fp16 (checked against
     numpy in the tests; SPEC 2.5's "sequential fp16" holds only for a channel-outer layout).
     """
-    K = grads.shape[0]
     if exact and acts.dtype == torch.float16:
         g = grads.float()
-        total = torch.zeros_like(g[:, 0])
-        for t in range(g.shape[1]):
-            total = total + g[:, t]
-        alpha = (total / g.shape[1]).half()                                   # (K, D)
-        prod = (alpha[:, None, :] * acts[None]).float()                       # fp16 products (K, n, D)
-        cam = numpy_pairwise_sum(prod.permute(2, 0, 1)).half().float()        # (K, n)
+        total = torch.zeros_like(g[..., 0, :])
+        for t in range(g.shape[-2]):
+            total = total + g[..., t, :]
+        alpha = (total / g.shape[-2]).half()                                   # (K, ..., D)
+        prod = (alpha.unsqueeze(-2) * acts[None]).float()                      # fp16 products (K, ..., n, D)
+        cam = numpy_pairwise_sum(prod.movedim(-1, 0)).half().float()           # (K, ..., n)
     else:
         dt = acc_dtype(acts.dtype)
-        alpha = grads.to(dt).mean(dim=1)
-        cam = torch.einsum("kd,nd->kn", alpha, acts.to(dt))
-    cam = cam.clamp_min(0).view(K, *grid)
+        alpha = grads.to(dt).mean(dim=-2)
+        cam = (acts.to(dt)[None] @ alpha.unsqueeze(-1)).squeeze(-1)
+    cam = cam.clamp_min(0).unflatten(-1, grid)
     return minmax(minmax(cam))
 
 
@@ -191,8 +191,9 @@ class CAMEngine:
                 # every class of every image in one backward: one batched gradient output per class slot
                 (grads,) = torch.autograd.grad(scores, h, grad_outputs=onehot, is_grads_batched=True,
                                                retain_graph=v + 1 < variants)
+                maps = gradcam(h.detach()[:, 1:], grads[:, :, 1:], grid, cfg.exact)    # (Kmax, B, h, w)
                 for b, lab in enumerate(labels):
-                    m = gradcam(h.detach()[b, 1:], grads[: len(lab), b, 1:], grid, cfg.exact)
+                    m = maps[: len(lab), b]
                     inits[b] = m if inits[b] is None else inits[b] + m
         if variants > 1:  # CAM-level synonym fusion: mean of the per-synonym maps
             inits = [minmax(m / variants) for m in inits]

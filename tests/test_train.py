@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import checkpoint as ckpt_io
 from pipeline.randomclip import TINY, random_clip
-from pipeline.segdata import AugConfig, DataError, ResumableBatchSampler, augment
+from pipeline.segdata import AugConfig, ResumableBatchSampler, augment
 from pipeline.train import ConfigError, load_config, train
 from seg_helpers import make_data, overrides
 
