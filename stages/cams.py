@@ -11,6 +11,7 @@ import sys
 from pipeline.clip import CheckpointError
 from pipeline.io import StaleOutputError
 from pipeline.stage_cams import CamsConfig, run_cams
+from stages.common import print_failures
 from stages.pseudo import add_pseudo_args, pseudo_config
 
 
@@ -87,13 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     rate = s.written / s.seconds if s.seconds else 0.0
     print(f"cams: {s.written} written, {s.skipped} already done, {s.failed} failed, "
           f"{s.seconds:.1f} s ({rate:.2f} img/s) -> {cfg.out}")
-    if s.failed:
-        shown = list(s.errors.items())[:5]
-        print(f"{s.failed} image(s) failed; see {cfg.out}/errors.json. First ones:", file=sys.stderr)
-        for image_id, msg in shown:
-            print(f"  {image_id}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    print_failures(s.errors, cfg.pseudo_out or cfg.out)
+    return 1 if s.failed else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.pseudo import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs
+from stages.common import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,12 +80,8 @@ def main(argv=None) -> int:
         if k not in ("what", "split"):
             print(f"{k}: {f'{v:.2f}' if isinstance(v, float) else v}")
     print(f"tables: {out}/per_class.csv|json|md")
-    if res["errors"]:
-        for image_id, msg in list(res["errors"].items())[:10]:
-            print(f"failed {image_id}: {msg}", file=sys.stderr)
-        print(f"{len(res['errors'])} image(s) failed; all messages in {out / 'errors.json'}", file=sys.stderr)
-        return 1
-    return 0
+    print_failures(res["errors"], out)
+    return 1 if res["errors"] else 0
 
 
 if __name__ == "__main__":

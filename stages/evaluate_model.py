@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from stages.predict import add_infer_args, infer_overrides
-from stages.pseudo import add_dataset_args
+from stages.common import add_dataset_args, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from pipeline.clip import CheckpointError
     from pipeline.infer import evaluate_model
     from pipeline.io import write_errors, write_json, write_manifest
-    from stages.pseudo import open_dataset
+    from stages.common import open_dataset
 
     try:
         ds, ids = open_dataset(args)
@@ -60,8 +60,7 @@ def main(argv=None) -> int:
     print(M.format_table(rows))
     print(f"mIoU: {summary['miou'] if summary['miou'] is None else round(summary['miou'], 2)}  "
           f"({res['evaluated']} images, {res['images_per_s']} img/s)")
-    for image_id, msg in list(res["errors"].items())[:10]:
-        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    print_failures(res["errors"], out)
     return 1 if res["errors"] else 0
 
 

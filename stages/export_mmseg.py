@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.pseudo import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs
+from stages.common import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.classes import ClassList
 from pipeline.datasets import FolderDataset
-from stages.pseudo import add_dataset_args, open_dataset
+from stages.common import add_dataset_args, open_dataset, print_failures
 
 
 def add_infer_args(p: argparse.ArgumentParser) -> None:
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
     write_manifest(out, {"stage": "predict", "checkpoint": str(args.checkpoint), "infer": cfg.as_dict(),
                          "format": args.format}, summary={k: v for k, v in res.items() if k not in ("conf", "errors")})
     print(f"{res['done']}/{res['total']} label PNGs in {out} ({res['images_per_s']} img/s)")
-    for image_id, msg in list(res["errors"].items())[:10]:
-        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    print_failures(res["errors"], out)
     return 1 if res["errors"] else 0
 
 

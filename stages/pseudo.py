@@ -13,33 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_SPLIT = {"voc": "train_aug", "coco": "train", "folder": "all"}
-
-
-def add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """Flags that pick a dataset and split (shared by the pseudo, eval, viz and model stages)."""
-    p.add_argument("--dataset", required=required, choices=("voc", "coco", "folder"))
-    p.add_argument("--root", required=required, help="dataset root (VOC2012 / COCO folder / image folder)")
-    p.add_argument("--split", default=None, help="split name shipped in data/splits/<dataset>/ or a path to an id list "
-                   "(default: train_aug for voc, train for coco, every labelled image for folder)")
-    p.add_argument("--classes", default=None, help="class list YAML (default data/<dataset>.yaml; required for folder)")
-    p.add_argument("--labels", default=None, help="image-level labels file (CSV/JSON/txt); folder dataset needs it")
-    p.add_argument("--masks", default=None, help="folder dataset: directory of ground-truth <id>.png masks")
-    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def open_dataset(args: argparse.Namespace):
-    """(dataset, ids) from the flags of ``add_dataset_args``."""
-    from pipeline.datasets import build_dataset
-
-    ds = build_dataset(args.dataset, args.root, args.classes, args.labels, args.masks)
-    return ds, ds.ids(args.split or DEFAULT_SPLIT[args.dataset])
-
-
-def outputs(dataset: str, what: str) -> Path:
-    return Path("outputs") / dataset / what
-
+from stages.common import add_dataset_args, open_dataset, outputs, print_failures
 
 def add_pseudo_args(p: argparse.ArgumentParser) -> None:
     """Flags of the labelling itself (shared with `stages.cams --pseudo-out`)."""
@@ -101,10 +75,7 @@ def main(argv=None) -> int:
         return 2
     errors = res.pop("errors")
     print(json.dumps(res, indent=2))
-    for image_id, msg in list(errors.items())[:10]:
-        print(f"failed {image_id}: {msg}", file=sys.stderr)
-    if errors:
-        print(f"{len(errors)} image(s) failed; all messages in {Path(res['out']) / 'errors.json'}", file=sys.stderr)
+    print_failures(errors, Path(res["out"]))
     return 1 if errors else 0
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from stages.pseudo import add_dataset_args, open_dataset, outputs
+from stages.common import add_dataset_args, open_dataset, outputs, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,8 +39,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"viz: {res['done']} panels, {res['failed']} failed -> {res['index']}")
-    for image_id, msg in list(res["errors"].items())[:10]:
-        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    print_failures(res["errors"], Path(res["index"]).parent)
     return 1 if res["failed"] else 0
 
 

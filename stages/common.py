@@ -1,0 +1,42 @@
+"""What the stage CLIs share: dataset/split flags, default output folders, failure reports."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_SPLIT = {"voc": "train_aug", "coco": "train", "folder": "all"}
+
+
+def add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Flags that pick a dataset and split (shared by the pseudo, eval, viz and model stages)."""
+    p.add_argument("--dataset", required=required, choices=("voc", "coco", "folder"))
+    p.add_argument("--root", required=required, help="dataset root (VOC2012 / COCO folder / image folder)")
+    p.add_argument("--split", default=None, help="split name shipped in data/splits/<dataset>/ or a path to an id list "
+                   "(default: train_aug for voc, train for coco, every labelled image for folder)")
+    p.add_argument("--classes", default=None, help="class list YAML (default data/<dataset>.yaml; required for folder)")
+    p.add_argument("--labels", default=None, help="image-level labels file (CSV/JSON/txt); folder dataset needs it")
+    p.add_argument("--masks", default=None, help="folder dataset: directory of ground-truth <id>.png masks")
+    p.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def open_dataset(args: argparse.Namespace):
+    """(dataset, ids) from the flags of ``add_dataset_args``."""
+    from pipeline.datasets import build_dataset
+
+    ds = build_dataset(args.dataset, args.root, args.classes, args.labels, args.masks)
+    return ds, ds.ids(args.split or DEFAULT_SPLIT[args.dataset])
+
+
+def outputs(dataset: str, what: str) -> Path:
+    return Path("outputs") / dataset / what
+
+
+def print_failures(errors: Mapping[str, str], out_dir: str | Path, shown: int = 10) -> None:
+    """The first ``shown`` per-image failures on stderr, and where the rest are."""
+    for image_id, msg in list(errors.items())[:shown]:
+        print(f"failed {image_id}: {msg}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} image(s) failed; all messages in {Path(out_dir) / 'errors.json'}", file=sys.stderr)
