@@ -128,6 +128,7 @@ def manifest_config(cfg: CamsConfig, data: Dataset, ckpt_sha: str, cam_cfg: CAMC
     c = data.classes
     return {"stage": "cams", "dataset": cfg.dataset, "checkpoint_sha256": ckpt_sha,
             "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
+            "labels_sha256": sha256_file(cfg.labels) if cfg.labels else None,
             "classes": list(c.names), "prompts": list(c.prompts), "background": list(c.background),
             "template": c.template, "cam": dataclasses.asdict(cam_cfg), "precision": str(dtype).removeprefix("torch."),
             "max_patches": cfg.max_patches, "exif_transpose": cfg.exif_transpose, "save_init": cfg.save_init}
