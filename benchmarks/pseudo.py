@@ -23,8 +23,9 @@ import numpy as np
 from pipeline import crf, metrics, synthetic
 from pipeline.camfile import load_cams, upsample_cams
 from pipeline.datasets import build_dataset, read_mask
+from pipeline.image import load_rgb
 from pipeline.labelio import read_label
-from pipeline.pseudo import PseudoConfig, read_rgb, run_pseudo
+from pipeline.pseudo import PseudoConfig, run_pseudo
 
 
 def straightforward_loop(root: Path, ids: list[str], out: Path) -> float:
@@ -59,7 +60,7 @@ def guide_quality(root: Path, ids: list[str], conf: float = 0.95) -> list[dict]:
     kept = {"wrapped": 0, "plain": 0}
     total = 0
     for i in ids:
-        rgb = read_rgb(root / "JPEGImages" / f"{i}.jpg")
+        rgb = load_rgb(root / "JPEGImages" / f"{i}.jpg")
         gt = read_mask(root / "SegmentationClass" / f"{i}.png", 20)
         d = load_cams(root / "cams" / f"{i}.npz")
         cams = upsample_cams(d["cams"], rgb.shape[:2])

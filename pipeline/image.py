@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so CRF workers stay light
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -53,6 +56,11 @@ def load_image(path: str | Path, exif_transpose: bool = False) -> Image.Image:
     return img
 
 
+def load_rgb(path: str | Path, exif_transpose: bool = False) -> np.ndarray:
+    """``load_image`` as an RGB uint8 (H, W, 3) array."""
+    return np.asarray(load_image(path, exif_transpose).convert("RGB"), dtype=np.uint8)
+
+
 def target_size(height: int, width: int, max_patches: int = DEFAULT_MAX_PATCHES) -> tuple[int, int]:
     """Model input size (h', w'): each side rounded up to a multiple of 16 (SPEC 1.2), after a uniform
     downscale when the patch grid would exceed ``max_patches``."""
@@ -83,6 +91,8 @@ def preprocess(img: Image.Image, size: tuple[int, int], exact: bool = True) -> t
     ``exact`` resizes in the native mode and converts to RGB afterwards, as the reference does (PIL
     then resamples palette images with nearest neighbour); otherwise RGB conversion comes first.
     """
+    import torch
+
     h, w = size
     if not exact:
         img = img.convert("RGB")

@@ -21,6 +21,7 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .classes import IGNORE_INDEX
 from .crf import CRFParams, dense_crf, plain_guide, unary_energy
+from .image import load_rgb
 from .io import write_bytes
 from .labelio import FORMATS, write_label
 from .segdata import normalize
@@ -146,12 +147,6 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", clip:
 
 
 # --------------------------------------------------------------------------------- split runners
-def _read_rgb(path: str | Path) -> np.ndarray:
-    from .image import load_image
-
-    return np.asarray(load_image(path).convert("RGB"), dtype=np.uint8)
-
-
 def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | Path, cfg: InferConfig,
                   device: torch.device, fmt: str = "palette", gt: bool = False, overwrite: bool = True,
                   progress: bool = True, overlay_dir: str | Path | None = None) -> dict[str, Any]:
@@ -176,7 +171,7 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
     model.eval()
     for image_id in tqdm(ids, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
         try:
-            image = _read_rgb(dataset.image_path(image_id))
+            image = load_rgb(dataset.image_path(image_id))
             mask = None
             if gt:
                 path = dataset.mask_path(image_id)

@@ -19,6 +19,7 @@ import numpy as np
 from . import crf
 from .camfile import load_cams, upsample_cams
 from .datasets import Dataset, SampleError, read_mask
+from .image import load_rgb
 from .io import check_manifest, write_errors, write_manifest
 from .labelio import FORMATS, write_label
 
@@ -61,13 +62,6 @@ def pseudo_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray
                       confidence=cfg.confidence, power=cfg.power)
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """The project's image loader, as an RGB uint8 (H, W, 3) array."""
-    from .image import load_image  # imports torch; keep it out of metrics-only processes
-
-    return np.asarray(load_image(path).convert("RGB"), dtype=np.uint8)
-
-
 def load_cams_for(cam_path: str | Path, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """Load a CAM file and check it belongs to an image of ``image_size`` = (H, W)."""
     cam_path = Path(cam_path)
@@ -106,7 +100,7 @@ class Task:
 def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str | None]:
     """Worker body: read, label, write. Returns (id, None) or (id, error message); never raises."""
     try:
-        image = read_rgb(task.image)
+        image = load_rgb(task.image)
         size = image.shape[:2]
         d = load_cams_for(task.cams, size)
         if cfg.require_gt:
@@ -211,7 +205,7 @@ def label_arrays(task: Task, keys: np.ndarray, cams_patch: np.ndarray, cfg: Pseu
                  num_classes: int) -> tuple[str, str | None]:
     """Worker body for CAMs handed over in memory (no CAM file): like ``label_one``."""
     try:
-        image = read_rgb(task.image)
+        image = load_rgb(task.image)
         if cfg.require_gt:
             read_gt(task.gt, task.image_id, num_classes, image.shape[:2])
         write_label(task.out, pseudo_label(image, keys, cams_patch, cfg), cfg.format)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from .classes import IGNORE_INDEX
-from .image import CLIP_MEAN, CLIP_STD, load_image
+from .image import CLIP_MEAN, CLIP_STD, load_rgb
 from .labelio import read_label
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # on 0-255 RGB (SPEC 7.1)
@@ -131,7 +131,7 @@ def augment(image: np.ndarray, label: np.ndarray, cfg: AugConfig, rng: np.random
 
 def read_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     """Decode a sample -> (uint8 (H, W, 3) RGB, uint8 (H, W) label); ``DataError`` naming the file on a size mismatch."""
-    image = np.asarray(load_image(sample.image).convert("RGB"), dtype=np.uint8)
+    image = load_rgb(sample.image)
     label = read_label(sample.label)
     if image.shape[:2] != label.shape:
         raise DataError(f"{sample.label}: label size {label.shape} differs from image {sample.image} {image.shape[:2]}")

@@ -111,10 +111,10 @@ def panel_one(task: VizTask, names: Sequence[str], tile_h: int) -> tuple[str, fl
     from .datasets import read_mask
     from .labelio import read_label
     from .metrics import confusion_matrix, mean_iou
-    from .pseudo import read_rgb
+    from .image import load_rgb
 
     try:
-        image = read_rgb(task.image)
+        image = load_rgb(task.image)
         size = image.shape[:2]
         keys, cams = (), None
         if task.cams and Path(task.cams).is_file():

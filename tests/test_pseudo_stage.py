@@ -14,9 +14,10 @@ from pipeline import crf, metrics, synthetic
 from pipeline.camfile import load_cams, save_cams, upsample_cams
 from pipeline.classes import palette
 from pipeline.datasets import build_dataset, read_mask
+from pipeline.image import load_rgb
 from pipeline.io import StaleOutputError
 from pipeline.labelio import encode_label, read_label, write_label
-from pipeline.pseudo import PseudoConfig, pseudo_label, read_rgb, run_pseudo
+from pipeline.pseudo import PseudoConfig, pseudo_label, run_pseudo
 
 N = 6
 
@@ -88,7 +89,7 @@ def reference_label(bgr, keys, cams, conf=0.95):
 def test_pseudo_label_equals_reference_transcription(base):
     root, ids = base
     for i in ids[:3]:
-        rgb = read_rgb(root / "JPEGImages" / f"{i}.jpg")
+        rgb = load_rgb(root / "JPEGImages" / f"{i}.jpg")
         d = load_cams(root / "cams" / f"{i}.npz")
         want = reference_label(np.ascontiguousarray(rgb[..., ::-1]), d["keys"], upsample_cams(d["cams"], rgb.shape[:2]))
         got = pseudo_label(rgb, d["keys"], d["cams"])
@@ -214,7 +215,7 @@ def test_cli_flags_reach_the_config_and_gray_format(scenes):
     cfg = json.loads((out / "manifest.json").read_text())["config"]
     assert (cfg["format"], cfg["guide"], cfg["confidence"], cfg["conf"]) == ("gray", "plain", "raw", 0.9)
     assert cfg["crf"]["bi_rgb"] == 5 and cfg["crf"]["iters"] == 4 and cfg["crf"]["bi_xy"] == 67
-    rgb = read_rgb(root / "JPEGImages" / f"{ids[0]}.jpg")
+    rgb = load_rgb(root / "JPEGImages" / f"{ids[0]}.jpg")
     d = load_cams(root / "cams" / f"{ids[0]}.npz")
     want = pseudo_label(rgb, d["keys"], d["cams"], PseudoConfig(conf=0.9, confidence="raw", guide="plain",
                                                                  crf=crf.CRFParams(iters=4, bi_rgb=5)))

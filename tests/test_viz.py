@@ -9,8 +9,9 @@ from PIL import Image
 from pipeline import synthetic, viz
 from pipeline.classes import palette
 from pipeline.datasets import build_dataset, read_mask
+from pipeline.image import load_rgb
 from pipeline.labelio import read_label, write_label
-from pipeline.pseudo import read_rgb, run_pseudo
+from pipeline.pseudo import run_pseudo
 
 
 def test_make_panel_layout_and_tiles():
@@ -81,7 +82,7 @@ def test_run_viz_writes_panels_and_gallery_worst_first(scenes, tmp_path):
             panel = np.asarray(im.convert("RGB"))
         n_keys = len(ds.labels(i)) if i != ids[5] else 0
         assert panel.shape == (viz.CAPTION_H + 48, (3 + n_keys) * tw, 3)
-        img = read_rgb(root / "JPEGImages" / f"{i}.jpg")
+        img = load_rgb(root / "JPEGImages" / f"{i}.jpg")
         assert np.array_equal(panel[viz.CAPTION_H:, :tw], cv2.resize(img, (tw, 48), interpolation=cv2.INTER_AREA))
         gt = read_mask(root / "SegmentationClass" / f"{i}.png", 20)
         gt_tile = palette()[cv2.resize(gt, (tw, 48), interpolation=cv2.INTER_NEAREST)]
