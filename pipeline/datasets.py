@@ -12,9 +12,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .classes import DATA_DIR, IGNORE_INDEX, ClassList, builtin
+from .labelio import read_label
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -93,12 +93,9 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
 def read_mask(path: Path, num_classes: int) -> np.ndarray:
     """Ground-truth label map as uint8 (H, W): palette index or gray value; checks the value range."""
     try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise SampleError(f"{path}: ground-truth mask has mode {im.mode}; expected a palette or 8-bit gray PNG")
-            mask = np.asarray(im, dtype=np.uint8).copy()
-    except OSError as e:
-        raise SampleError(f"{path}: cannot decode mask ({e})") from e
+        mask = read_label(path)
+    except ValueError as e:
+        raise SampleError(str(e)) from None
     bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(num_classes + 1), IGNORE_INDEX])
     if bad.size:
         raise SampleError(f"{path}: mask values {bad.tolist()} are outside 0..{num_classes} and {IGNORE_INDEX}")
