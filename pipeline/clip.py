@@ -318,7 +318,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]}). The file is "
+        # torch's own text for a non-checkpoint suggests weights_only=False: not advice to pass on
+        detail = "" if "weights_only" in str(e) else f": {str(e).splitlines()[0][:160]}"
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}{detail}). The file is "
                               "truncated or not a PyTorch/TorchScript file; download it again") from e
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

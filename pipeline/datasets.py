@@ -129,7 +129,9 @@ class Dataset:
         return labels_from_mask(read_mask(mask, self.classes.num_classes), self.classes.num_classes)
 
     def default_ids(self, split: str) -> list[str]:
-        raise FileNotFoundError(f"no shipped split {split!r} for {self.name}; pass a path to a list of image ids")
+        shipped = sorted(p.stem for p in (DATA_DIR / "splits" / self.name).glob("*.txt"))
+        raise FileNotFoundError(f"no split {split!r} for {self.name} (shipped: {', '.join(shipped) or 'none'}); "
+                                "pass one of those or a path to a list of image ids")
 
     # -- shared ------------------------------------------------------------------------------
     def ids(self, split: str) -> list[str]:
