@@ -26,8 +26,9 @@ from .camfile import save_cams
 from .clip import load_clip, resolve_device
 from .datasets import Dataset, SampleError, build_dataset
 from .image import DEFAULT_MAX_PATCHES, ImageError, load_for_model
-from .prompts import best_template
 from .io import check_manifest, sha256_file, write_errors, write_json, write_manifest
+from .prompts import best_template
+
 
 @dataclass
 class CamsConfig:
