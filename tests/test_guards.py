@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from pipeline.io import StaleOutputError
 from pipeline.models.weclip import WeCLIPDecoder, WeCLIPSeg
 from pipeline.pseudo import PseudoConfig
 from pipeline.randomclip import TINY, random_clip, save_clip
-from pipeline.stage_cams import CamsConfig, run_cams, shard_ids
+from pipeline.stage_cams import run_cams, shard_ids
 from pipeline.train import segmentation_loss
 from reference import ReferenceCLIP, reference_cams, reference_text
 from stages import cams as cams_stage
@@ -50,7 +49,7 @@ def test_cam_shards_are_disjoint_cover_the_split_and_are_balanced(world):
 # ---------------------------------------------------------------------------- manifest keys
 @pytest.fixture(scope="module")
 def cams_run(tmp_path_factory, tiny_clip_path):
-    """One finished CAM run (two images) and the flags that made it."""
+    """One finished CAM run (two images): (its folder, the flags that made it)."""
     tmp = tmp_path_factory.mktemp("manifest")
     root = tmp / "VOC"
     split = make_voc(root, [("a", (32, 48), ["cat"]), ("b", (48, 32), ["dog", "person"])])
@@ -58,7 +57,7 @@ def cams_run(tmp_path_factory, tiny_clip_path):
             "--out", str(tmp / "cams"), "--workers", "0", "--no-progress"]
     s = run_cams(cams_stage.parse_args(base))
     assert (s.written, s.failed) == (2, 0)
-    return tmp, root, base
+    return tmp, base
 
 
 def _changes_outputs(tmp) -> dict[str, list[str]]:
@@ -69,9 +68,7 @@ def _changes_outputs(tmp) -> dict[str, list[str]]:
     classes.write_text(_voc_yaml_with_other_background())
     ranking = tmp / "ranking.csv"
     ranking.write_text("rank,template\n2,a photo of a {}.\n1,a sketch of a {}.\n")
-    other_clip = tmp / "other.pt"
-    if not other_clip.exists():
-        save_clip(random_clip(TINY, seed=11), other_clip, torchscript=False)
+    other_clip = save_clip(random_clip(TINY, seed=11), tmp / "other.pt", torchscript=False)
     return {
         "--clip": ["--clip", str(other_clip)],
         "--classes": ["--classes", str(classes)],
@@ -120,11 +117,11 @@ def _cams_flags(monkeypatch) -> set[str]:
 
 
 def test_every_cam_stage_flag_that_changes_outputs_is_in_the_manifest(cams_run, monkeypatch):
-    tmp, root, base = cams_run
+    tmp, base = cams_run
     changes = _changes_outputs(tmp)
     flags = _cams_flags(monkeypatch)
     unclassified = flags - set(changes) - NEUTRAL
-    assert not unclassified, f"decide whether these flags change the CAM files (and put them in the manifest): {unclassified}"
+    assert not unclassified, f"decide whether {unclassified} change the CAM files (then add them to the manifest)"
     assert set(changes) <= flags and NEUTRAL <= flags
     accepted = []
     for flag, extra in changes.items():
@@ -140,7 +137,7 @@ def test_every_cam_stage_flag_that_changes_outputs_is_in_the_manifest(cams_run, 
 
 
 def test_settings_that_do_not_change_the_cams_resume_the_run(cams_run):
-    tmp, _, base = cams_run
+    tmp, base = cams_run
     s = run_cams(cams_stage.parse_args(base + ["--batch-size", "2", "--workers", "1", "--device", "cpu"]))
     assert (s.written, s.skipped, s.failed) == (0, 2, 0)
 
