@@ -238,7 +238,8 @@ def test_weclip_decoder_drops_whole_channels_of_the_fused_map_at_p_0_1(config):
 
 # ----------------------------------------------------------------------------------- defaults
 def test_documented_defaults():
-    """CLIP-ES's settings are the defaults (README and stage help say so); a flipped default is a silent change."""
+    """The defaults the README and the stages' help promise (CLIP-ES's settings); a flipped default is a
+    silent change of every output."""
     assert dataclasses.asdict(PseudoConfig()) == {
         "conf": 0.95, "confidence": "crf", "guide": "wrapped", "power": 1.0, "format": "palette", "require_gt": True,
         "crf": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0, "bi_w": 4.0}}
@@ -253,6 +254,8 @@ def test_documented_defaults():
     assert (c.exact, c.box_threshold, c.save_init, c.exif_transpose, c.keep_cams, c.pseudo_out) == \
         (True, None, False, False, True, None)
     assert CAMConfig(box_threshold=0.4, exact=True, **c.cam_options) == CAMConfig()
+    inf = InferConfig()  # the README's "multi-scale {1.0, 0.75} + flip", CRF off unless asked for
+    assert (inf.scales, inf.flip, inf.crf, inf.normalize) == ((1.0, 0.75), True, False, "imagenet")
 
 
 # -------------------------------------------------------------------- several attention heads
