@@ -31,6 +31,11 @@ setup:
 test:
 	$(PY) -m pytest -q
 
+# the suite without the tests marked slow (see docs/testing.md), for the edit-test loop
+.PHONY: test-fast
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
 cams:
 	$(NEED_ROOT)
 	$(NEED_CLIP)

@@ -119,6 +119,12 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def shard_ids(ids: list[str], rank: int, world: int) -> list[str]:
+    """The ids process ``rank`` of ``world`` handles: every world-th id from position ``rank``, so the
+    shards are disjoint, cover ``ids`` and differ in size by at most one."""
+    return ids[rank::world]
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -176,7 +182,7 @@ def run_cams(cfg: CamsConfig) -> Summary:
 
     model = load_clip(cfg.clip, device=device, dtype=dtype)
     engine = CAMEngine(model, data.classes, cam_cfg)
-    shard = ids[rank::world]
+    shard = shard_ids(ids, rank, world)
     todo = [i for i in shard if not ((not cfg.keep_cams or (out / f"{i}.npz").exists())
                                      and (labeller is None or labeller.finished(i)))]
     summary = Summary(total=len(shard), skipped=len(shard) - len(todo))

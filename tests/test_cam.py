@@ -52,6 +52,7 @@ def test_fixed_mode_runs_block12_once_for_76_patches(tiny):
     assert np.abs(fixed.cams - exact.cams).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_real_vit_b16_shapes_match_reference(tmp_path):
     """Random weights of the true ViT-B/16 shapes, loaded from an OpenAI-style archive.
 

@@ -14,6 +14,7 @@ from pipeline.train import load_config, train
 from seg_helpers import make_data, overrides
 
 MARGIN = 0.03
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

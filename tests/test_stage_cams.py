@@ -148,6 +148,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_files(tmp_path, tiny_clip_path):
     root = tmp_path / "VOC"
     split = make_voc(root, [(f"img{i:02d}", (64 + 16 * (i % 3), 96), ["dog", "person"][: 1 + i % 2]) for i in range(24)])
@@ -169,6 +170,7 @@ def test_sigkill_then_rerun_gives_identical_files(tmp_path, tiny_clip_path):
         assert (full / name).read_bytes() == (killed / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_single_process(voc_small, tiny_clip_path, tmp_path):
     root, split = voc_small
     single, multi = tmp_path / "single", tmp_path / "multi"

@@ -151,6 +151,7 @@ def test_resume_refuses_another_model_or_class_count(data, tmp_path):
         train(cfg21, tmp_path / "run", resume=True, progress=False, tensorboard=False, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_with_gloo(data, tmp_path):
     clip = tmp_path / "tiny.pt"
     from pipeline.randomclip import save_clip
