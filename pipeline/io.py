@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -28,6 +29,17 @@ class StaleOutputError(RuntimeError):
     """An output folder holds results made with another configuration."""
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; the lock keeps threads from seeing 0)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temp file next to ``path``; on success fsync and rename it onto ``path``.
@@ -38,6 +50,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; outputs get what open() would give them under the user's umask
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -117,14 +131,24 @@ def code_version() -> str:
         return "unknown"
 
 
-def check_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], overwrite: bool = False) -> bool:
+def holds_outputs(out_dir: str | os.PathLike, pattern: str = "*") -> bool:
+    """Whether ``out_dir`` holds a finished output matching ``pattern`` (the manifest, errors.json and
+    hidden temp files do not count)."""
+    return any(p.is_file() and p.name not in (MANIFEST, ERRORS) and not p.name.startswith(".")
+               for p in Path(out_dir).glob(pattern))
+
+
+def check_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], overwrite: bool = False,
+                   outputs: str = "*") -> bool:
     """Refuse to mix outputs: compare ``config`` with ``<out_dir>/manifest.json``.
 
     Returns True when the folder already holds outputs of this very config (resume), False when it
     is new or ``overwrite`` allows replacing a different config. Raises ``StaleOutputError`` otherwise.
+    A manifest binds the folder only once some output (files matching ``outputs``) was finished: a
+    first run that failed before finishing anything never locks its folder.
     """
     path = Path(out_dir) / MANIFEST
-    if not path.exists():
+    if not path.exists() or not holds_outputs(out_dir, outputs):
         return False
     try:
         old = json.loads(path.read_text()).get("config")

@@ -177,7 +177,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     """
     cams_dir, out_dir = Path(cams_dir), Path(out_dir)
     config = stage_config(dataset, cams_dir, cfg)
-    resume = check_manifest(out_dir, config, overwrite=overwrite)
+    resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
     write_manifest(out_dir, config, status="running")
     tasks, skipped = [], 0
     for image_id in ids:
@@ -230,7 +230,7 @@ class StreamingLabeller:
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",
                        "cams_config": cams_config, **cfg.as_dict()}
-        self.resume = check_manifest(self.out, self.config, overwrite=overwrite)
+        self.resume = check_manifest(self.out, self.config, overwrite=overwrite, outputs="*.png")
         write_manifest(self.out, self.config, status="running")
         self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
         # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock

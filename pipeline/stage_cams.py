@@ -155,7 +155,7 @@ def run_cams(cfg: CamsConfig) -> Summary:
                         exact=cfg.exact, **options)
     ckpt_sha = sha256_file(cfg.clip)
     config = manifest_config(cfg, data, ckpt_sha, cam_cfg, dtype)
-    resume = check_manifest(out, config, cfg.overwrite) if cfg.keep_cams else False
+    resume = check_manifest(out, config, cfg.overwrite, outputs="*.npz") if cfg.keep_cams else False
     labeller = None
     if cfg.pseudo_out:
         from .pseudo import PseudoConfig, StreamingLabeller
