@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_open, write_json
+from .io import UnreadableWeights, atomic_open, torch_load, write_json
 
 FORMAT = "wsss-seg-checkpoint/1"
 LATEST = "latest.json"
@@ -106,9 +106,9 @@ def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; ``CheckpointMismatch`` when it is not one of ours."""
     path = resolve(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointMismatch(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        ckpt = torch_load(path, "pass another checkpoint (a run folder keeps its newest ones in checkpoints/)")
+    except UnreadableWeights as e:
+        raise CheckpointMismatch(str(e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: not a segmentation checkpoint of this project (format "
                                  f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "

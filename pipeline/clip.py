@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import UnreadableWeights, error_detail, torch_load
+
 HEAD_DIM = 64  # every OpenAI CLIP uses 64-dim heads
 # Keys the OpenAI TorchScript archives carry next to the weights.
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -312,16 +314,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     sd = torch.jit.load(str(path), map_location="cpu").state_dict()
             else:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+                sd = torch_load(path, "download it again")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        # torch's own text for a non-checkpoint suggests weights_only=False: not advice to pass on
-        detail = "" if "weights_only" in str(e) else f": {str(e).splitlines()[0][:160]}"
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}{detail}). The file is "
-                              "truncated or not a PyTorch/TorchScript file; download it again") from e
+            sd = torch_load(path, "download it again")
+    except UnreadableWeights as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # a damaged TorchScript archive
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error_detail(e)}); the file is truncated or not "
+                              "a PyTorch/TorchScript file: download it again") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

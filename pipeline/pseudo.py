@@ -20,7 +20,7 @@ from . import crf
 from .camfile import load_cams, upsample_cams
 from .datasets import Dataset, SampleError, read_mask
 from .image import load_rgb
-from .io import check_manifest, write_errors, write_manifest
+from .io import check_manifest, check_output_folder, write_errors, write_manifest
 from .labelio import FORMATS, write_label
 
 
@@ -175,7 +175,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     Resumes when ``out_dir`` holds labels of the same config (existing PNGs are kept); raises
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
     """
-    cams_dir, out_dir = Path(cams_dir), Path(out_dir)
+    cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
     config = stage_config(dataset, cams_dir, cfg)
     resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
     write_manifest(out_dir, config, status="running")

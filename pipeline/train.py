@@ -31,7 +31,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .classes import IGNORE_INDEX
-from .io import code_version, write_bytes, write_json
+from .io import check_output_folder, code_version, write_bytes, write_json
 
 # Every key a config may set; YAML files and --set overrides are merged onto this.
 DEFAULTS: dict[str, Any] = {
@@ -333,7 +333,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     say = log if rank == 0 else (lambda *_: None)
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     ckdir = out / "checkpoints"
     device = pick_device(cfg["train"]["device"], local_rank)
     if device.type == "cuda":

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.common import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs, print_failures
+from stages.common import DEFAULT_SPLIT, add_dataset_args, fail, open_dataset, outputs, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,9 +66,8 @@ def main(argv=None) -> int:
                        "miou_confident": 100 * res["miou_confident"], "coverage": 100 * res["coverage"],
                        "miou_bg255": 100 * res["miou_bg255"], "accuracy_confident": 100 * res["accuracy_confident"]}
             title = f"{args.dataset} {split}: pseudo labels"
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return fail(e)
     summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
     M.write_tables(out, "per_class", rows, summary, title)
     write_json(out / "summary.json", summary)

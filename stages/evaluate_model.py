@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from stages.predict import add_infer_args, infer_overrides
-from stages.common import add_dataset_args, print_failures
+from stages.common import add_dataset_args, fail, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,9 +42,8 @@ def main(argv=None) -> int:
         res = evaluate_model(args.checkpoint, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
                              infer=infer_overrides(args), device=args.device, clip=args.clip,
                              progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch) as e:
+        return fail(e)
     rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
     summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
                "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],

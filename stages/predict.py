@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.classes import ClassList
 from pipeline.datasets import FolderDataset
-from stages.common import add_dataset_args, open_dataset, print_failures
+from stages.common import add_dataset_args, fail, open_dataset, print_failures
 
 
 def add_infer_args(p: argparse.ArgumentParser) -> None:
@@ -91,9 +91,8 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / split
         res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
                             overlay_dir=None if args.no_overlays else out / "overlay")
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch) as e:
+        return fail(e)
     write_errors(out, res["errors"])
     write_manifest(out, {"stage": "predict", "checkpoint": str(args.checkpoint), "infer": cfg.as_dict(),
                          "format": args.format}, summary={k: v for k, v in res.items() if k not in ("conf", "errors")})

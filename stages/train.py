@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from stages.common import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
@@ -50,9 +52,8 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path("outputs") / cfg["data"]["dataset"] / "train" / Path(args.config).stem
         res = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
                     tensorboard=not args.no_tensorboard)
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch, SampleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError) as e:
+        return fail(e)
     if dist_env()[0] == 0:
         print(json.dumps({**res, "out": str(out)}, indent=2))
     return 0

@@ -70,3 +70,103 @@ def test_truncated_clip_then_the_right_one_runs(voc_small, tiny_clip_path, tmp_p
         run_cams(CamsConfig(clip=str(bad), **cfg))
     s = run_cams(CamsConfig(clip=str(tiny_clip_path), **cfg))
     assert s.written == 6 and s.failed == 0
+
+
+# --------------------------------------------------------------------- item 6: messages, not tracebacks
+def _weights_files(tmp_path):
+    import io
+    import pickle
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(4000)}, buf)
+    files = {"empty": b"", "truncated": buf.getvalue()[: len(buf.getvalue()) // 2],
+             "pickled": pickle.dumps({"w": shutil.copy}, protocol=2)}  # a function: weights-only loading must refuse it
+    for name, data in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(data)
+    return [tmp_path / f"{name}.pt" for name in files]
+
+
+@pytest.mark.parametrize("loader", ["clip", "segmentation"])
+def test_unreadable_weights_get_one_whole_safe_sentence(tmp_path, loader):
+    from pipeline import checkpoint
+    from pipeline.clip import read_state_dict
+
+    load = read_state_dict if loader == "clip" else checkpoint.load
+    for path in _weights_files(tmp_path):
+        with pytest.raises(ValueError) as e:
+            load(path)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: "), msg
+        for unsafe in ("weights_only", "allow_pickle", "trust the source"):
+            assert unsafe not in msg, msg
+        # whole sentences: the message ends with the fix, not in the middle of torch's text
+        assert msg.rstrip(")").endswith(("again", "checkpoints/")), msg
+    assert "empty (0 bytes)" in str(pytest.raises(ValueError, load, tmp_path / "empty.pt").value)
+
+
+def test_npz_with_objects_does_not_advise_allow_pickle(tmp_path):
+    from pipeline.io import load_npz
+
+    np.savez(tmp_path / "x.npz", a=np.array([{"k": 1}], dtype=object))
+    with pytest.raises(ValueError) as e:
+        load_npz(tmp_path / "x.npz")
+    assert str(e.value).startswith(f"{tmp_path / 'x.npz'}: ") and "allow_pickle" not in str(e.value)
+
+
+def test_out_naming_a_file_is_a_message(scenes, tiny_clip_path, tmp_path, capsys):
+    from stages.cams import main as cams_main
+    from stages.pseudo import main as pseudo_main
+    from stages.train import main as train_main
+
+    root, _ = scenes
+    afile = tmp_path / "taken.txt"
+    afile.write_text("not a folder")
+    split = str(synthetic.split_file(root))
+    runs = {
+        "cams": lambda: cams_main(["--dataset", "voc", "--root", str(root), "--split", split, "--clip",
+                                   str(tiny_clip_path), "--out", str(afile), "--workers", "0", "--no-progress"]),
+        "pseudo": lambda: pseudo_main(["--dataset", "voc", "--root", str(root), "--split", split, "--out", str(afile),
+                                       "-j", "1", "--no-progress"]),
+        "train": lambda: train_main(["--config", "configs/weclip_voc.yaml", "--root", str(root), "--pseudo",
+                                     str(root / "SegmentationClass"), "--clip", str(tiny_clip_path), "--out",
+                                     str(afile / "run"), "--no-progress"]),
+    }
+    for name, run in runs.items():
+        assert run() == 2, name
+        err = capsys.readouterr().err
+        assert f"{afile}: is a file, not a folder" in err, (name, err)
+    assert afile.read_text() == "not a folder"
+
+
+def test_disk_full_is_a_message(scenes, tiny_clip_path, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from stages.cams import main as cams_main
+
+    root, _ = scenes
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    rc = cams_main(["--dataset", "voc", "--root", str(root), "--split", str(synthetic.split_file(root)), "--clip",
+                    str(tiny_clip_path), "--out", str(tmp_path / "cams"), "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"error: {tmp_path / 'cams'}" in err and ": no space left on device; free some space" in err, err
+    assert not list((tmp_path / "cams").glob("*.tmp")) and not list((tmp_path / "cams").glob(".*.tmp"))
+
+
+# ------------------------------------------------------------- item 5: unknown class in a labels file
+def test_unknown_class_in_labels_file_fails_that_image_only(voc_small, tiny_clip_path, tmp_path):
+    root, split = voc_small
+    ids = split.read_text().split()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{i},{'griffin;cat' if k == 2 else 'cat'}\n" for k, i in enumerate(ids)))
+    out = tmp_path / "cams"
+    s = run_cams(CamsConfig(dataset="voc", root=str(root), split=str(split), clip=str(tiny_clip_path), out=str(out),
+                            labels=str(labels), workers=0, progress=False))
+    assert (s.written, s.failed) == (len(ids) - 1, 1)
+    assert "griffin" in s.errors[ids[2]] and str(labels) in s.errors[ids[2]]
+    assert not (out / f"{ids[2]}.npz").exists() and (out / f"{ids[0]}.npz").is_file()
