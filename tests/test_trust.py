@@ -170,3 +170,93 @@ def test_unknown_class_in_labels_file_fails_that_image_only(voc_small, tiny_clip
     assert (s.written, s.failed) == (len(ids) - 1, 1)
     assert "griffin" in s.errors[ids[2]] and str(labels) in s.errors[ids[2]]
     assert not (out / f"{ids[2]}.npz").exists() and (out / f"{ids[0]}.npz").is_file()
+
+
+# ------------------------------------------------------------------------ item 11: silently wrong labels
+def test_vocabulary_beyond_8_bit_labels_is_refused(tmp_path):
+    import yaml
+
+    from pipeline.classes import ClassList
+
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump({"classes": [f"thing{i}" for i in range(280)]}))
+    with pytest.raises(ValueError, match=r"big\.yaml.*at most 254"):
+        ClassList.from_yaml(tmp_path / "big.yaml")
+    assert ClassList.from_yaml(_vocab(tmp_path, 254)).num_classes == 254
+
+
+def _vocab(tmp_path, n):
+    import yaml
+
+    (tmp_path / f"v{n}.yaml").write_text(yaml.safe_dump({"classes": [f"thing{i}" for i in range(n)]}))
+    return tmp_path / f"v{n}.yaml"
+
+
+def test_pseudo_refuses_cams_outside_the_vocabulary_nan_or_wrong_grid(scenes_copy, tmp_path):
+    from pipeline.camfile import load_cams, save_cams
+
+    root, ids = scenes_copy
+    synthetic.make_noisy_cams(root, root / "cams", seed=5)
+    cams = {i: load_cams(root / "cams" / f"{i}.npz") for i in ids}
+    d = cams[ids[0]]
+    save_cams(root / "cams" / f"{ids[0]}.npz", d["keys"] + 30, d["cams"], d["image_size"])  # VOC has 0..19
+    d = cams[ids[1]]
+    nan = d["cams"].copy()
+    nan[0, 0, 0] = np.nan
+    save_cams(root / "cams" / f"{ids[1]}.npz", d["keys"], nan, d["image_size"])
+    d = cams[ids[2]]  # 48x64 -> a 3x4 grid; a 6x8 grid belongs to another image size or setting
+    save_cams(root / "cams" / f"{ids[2]}.npz", d["keys"], np.repeat(np.repeat(d["cams"], 2, 1), 2, 2), d["image_size"])
+    res = run_pseudo(build_dataset("voc", root), ids, root / "cams", tmp_path / "pseudo", PseudoConfig(), n_jobs=1,
+                     progress=False)
+    errors = res["errors"]
+    assert set(errors) == set(ids[:3]) and res["done"] == N - 3
+    assert "class ids [3" in errors[ids[0]] and "outside this vocabulary's 0..19" in errors[ids[0]]
+    assert "NaN" in errors[ids[1]]
+    assert "6x8 patch grid" in errors[ids[2]] and "3x4" in errors[ids[2]]
+    assert not (tmp_path / "pseudo" / f"{ids[0]}.png").exists() and (tmp_path / "pseudo" / f"{ids[3]}.png").is_file()
+
+
+def test_crf_workers_die_with_a_killed_pseudo_stage(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    root = tmp_path / "voc"
+    ids = synthetic.make_scenes(root, 60, (200, 260), seed=2)
+    synthetic.make_noisy_cams(root, root / "cams", seed=2)
+    out = tmp_path / "pseudo"
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pseudo", "--dataset", "voc", "--root", str(root), "--split",
+                             str(synthetic.split_file(root)), "--cams", str(root / "cams"), "--out", str(out), "-j", "2",
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children(pid):
+        kids = []
+        for stat_file in os.listdir("/proc"):
+            if stat_file.isdigit():
+                try:
+                    fields = open(f"/proc/{stat_file}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    kids.append(int(stat_file))
+        return kids
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.png")):
+        time.sleep(0.1)
+    workers = children(proc.pid)
+    assert workers and list(out.glob("*.png")), "the stage did not start labelling"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    try:
+        assert not alive, f"worker processes {alive} outlived the killed stage"
+    finally:
+        for w in alive:
+            os.kill(w, signal.SIGKILL)
+    written = len(list(out.glob("*.png")))
+    time.sleep(1)
+    assert len(list(out.glob("*.png"))) == written < len(ids)
