@@ -260,3 +260,22 @@ def test_crf_workers_die_with_a_killed_pseudo_stage(tmp_path):
     written = len(list(out.glob("*.png")))
     time.sleep(1)
     assert len(list(out.glob("*.png"))) == written < len(ids)
+
+
+# ----------------------------------------------------------------- item 4: truncated training images
+def test_truncated_training_image_is_caught_before_training(scenes_copy):
+    from PIL import Image
+
+    from pipeline.segdata import DataError, make_samples, validate_samples
+
+    root, ids = scenes_copy
+    jpg = root / "JPEGImages" / f"{ids[1]}.jpg"
+    data = jpg.read_bytes()
+    jpg.write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(jpg) as im:  # the header alone looks fine
+        assert im.size == (64, 48)
+    samples = make_samples(build_dataset("voc", root), ids, None)
+    with pytest.raises(DataError) as e:
+        validate_samples(samples, 20)
+    msg = str(e.value)
+    assert msg.startswith(f"1 of {N} training samples are unusable") and f"{jpg}: cannot decode image" in msg
