@@ -234,8 +234,9 @@ class CLIPArch:
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> "CLIPArch":
         if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
-            raise CheckpointError(f"{source}: this is a ResNet CLIP (RN50/RN101/...); CAMs need a ViT CLIP "
-                                  "such as ViT-B/16 (ViT-B-16.pt)")
+            raise CheckpointError(f"{source}: this is a ResNet CLIP (RN50/RN101/...); this project needs a ViT CLIP "
+                                  "such as ViT-B/16 (ViT-B-16.pt): the CAMs, prompt ranking and WeCLIP's "
+                                  "decoder all read the ViT's patch tokens and attention")
         required = ["visual.conv1.weight", "visual.positional_embedding", "visual.class_embedding", "visual.proj",
                     "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"]
         missing = [k for k in required if k not in sd]

@@ -131,6 +131,11 @@ class Dataset:
         """Ground-truth mask path, or None when the dataset has none for this image."""
         return None
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether the dataset has ground truth at all (a folder dataset only with --masks)."""
+        return True
+
     def _own_labels(self, image_id: str) -> list[int]:
         mask = self.mask_path(image_id)
         if mask is None:
@@ -261,6 +266,10 @@ class FolderDataset(Dataset):
 
     def mask_path(self, image_id: str) -> Path | None:
         return _first_existing([self.masks / f"{image_id}.png"]) if self.masks else None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
 
     def default_ids(self, split: str) -> list[str]:
         """The labelled images, or every image found when there is no labels file (prediction)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -163,6 +163,11 @@ def _cams_provenance(cams_dir: Path) -> Any:
         return None
 
 
+def for_dataset(cfg: PseudoConfig, dataset: Dataset) -> PseudoConfig:
+    """``cfg`` without the ground-truth requirement when the dataset has no ground truth at all."""
+    return cfg if dataset.has_masks or not cfg.require_gt else replace(cfg, require_gt=False)
+
+
 def stage_config(dataset: Dataset, cams_dir: str | Path, cfg: PseudoConfig) -> dict[str, Any]:
     """The manifest config of a pseudo-label folder: labelling settings plus where inputs came from."""
     cams_dir = Path(cams_dir).resolve()
@@ -180,6 +185,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
     """
     cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
+    cfg = for_dataset(cfg, dataset)
     config = stage_config(dataset, cams_dir, cfg)
     max_patches = (config["cams_config"] or {}).get("max_patches") or DEFAULT_MAX_PATCHES
     resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
@@ -231,7 +237,8 @@ class StreamingLabeller:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
+        self.dataset, self.out, self.cfg = dataset, Path(out_dir), for_dataset(cfg, dataset)
+        cfg = self.cfg
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",
                        "cams_config": cams_config, **cfg.as_dict()}

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     rate = s.written / s.seconds if s.seconds else 0.0
     print(f"cams: {s.written} written, {s.skipped} already done, {s.failed} failed, "
-          f"{s.seconds:.1f} s ({rate:.2f} img/s) -> {cfg.out}")
+          f"{s.seconds:.1f} s ({rate:.2f} img/s) -> "
+          f"{' and '.join(str(d) for d in (cfg.out if cfg.keep_cams else None, cfg.pseudo_out) if d)}")
     print_failures(s.errors, cfg.pseudo_out or cfg.out)
     return 1 if s.failed else 0
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     print((cfg.out + "/ranking.md:"))
     for row in ranking.rows()[:10]:
-        miou = "" if row["init_cam_miou"] is None else f"  initial-CAM mIoU {100 * row['init_cam_miou']:.2f}"
+        miou = "" if row["init_cam_miou_pct"] is None else f"  initial-CAM mIoU {row['init_cam_miou_pct']:.2f}%"
         print(f"  {row['rank']:3d}. {row['template']:<40s} sharpness {row['sharpness']:.5f}{miou}")
     if errors:
         print(f"{len(errors)} image(s) skipped; see {cfg.out}/errors.json", file=sys.stderr)

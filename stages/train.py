@@ -55,7 +55,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError) as e:
         return fail(e)
     if dist_env()[0] == 0:
-        print(json.dumps({**res, "out": str(out)}, indent=2))
+        miou = res.pop("val_miou")  # a fraction in the library; percent (0-100) in every file and on screen
+        print(json.dumps({**res, "val_miou_pct": None if miou is None else round(100 * miou, 4), "out": str(out)},
+                         indent=2))
     return 0
 
 

@@ -279,3 +279,56 @@ def test_truncated_training_image_is_caught_before_training(scenes_copy):
         validate_samples(samples, 20)
     msg = str(e.value)
     assert msg.startswith(f"1 of {N} training samples are unusable") and f"{jpg}: cannot decode image" in msg
+
+
+# ------------------------------------------------------------------------------------ item 12
+def test_folder_dataset_without_ground_truth_needs_none_for_pseudo_labels(scenes, tmp_path):
+    import json
+
+    from pipeline.classes import builtin
+
+    root, ids = scenes
+    folder = tmp_path / "photos"
+    shutil.copytree(root / "JPEGImages", folder)
+    voc = builtin("voc")
+    (tmp_path / "labels.json").write_text(json.dumps(
+        {i: [voc.names[k] for k in build_dataset("voc", root).labels(i)] for i in ids}))
+    synthetic.make_noisy_cams(root, tmp_path / "cams", seed=5)
+    ds = build_dataset("folder", folder, "data/voc.yaml", tmp_path / "labels.json")
+    res = run_pseudo(ds, ids, tmp_path / "cams", tmp_path / "pseudo", PseudoConfig(), n_jobs=1, progress=False)
+    assert res["failed"] == 0 and res["done"] == N
+    # a dataset that has ground truth still requires it for every image, as the reference does
+    (root_gt := tmp_path / "voc").mkdir()
+    shutil.copytree(root, root_gt, dirs_exist_ok=True)
+    (root_gt / "SegmentationClass" / f"{ids[0]}.png").unlink()
+    res = run_pseudo(build_dataset("voc", root_gt), ids, tmp_path / "cams", tmp_path / "pseudo_gt", PseudoConfig(),
+                     n_jobs=1, progress=False)
+    assert list(res["errors"]) == [ids[0]] and "ground-truth mask not found" in res["errors"][ids[0]]
+
+
+def test_resnet_clip_for_training_gets_a_training_message(tmp_path):
+    import torch
+
+    from pipeline.clip import CheckpointError
+    from pipeline.models import build_model
+
+    torch.save({"visual.layer1.0.conv1.weight": torch.zeros(1), "visual.attnpool.c_proj.weight": torch.zeros(1)},
+               tmp_path / "RN50.pt")
+    with pytest.raises(CheckpointError) as e:
+        build_model({"name": "weclip", "clip": str(tmp_path / "RN50.pt")}, 21)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'RN50.pt'}: this is a ResNet CLIP") and "WeCLIP's decoder" in msg
+    assert "CAMs need" not in msg
+
+
+def test_random_weight_banner_on_panels_and_page():
+    from pipeline.viz import CAPTION_H, gallery_html, make_panel
+
+    image = np.full((40, 60, 3), 128, np.uint8)
+    plain = make_panel(image, label=np.zeros((40, 60), np.uint8))
+    marked = make_panel(image, label=np.zeros((40, 60), np.uint8), banner="RANDOM WEIGHTS")
+    assert marked.shape[0] == plain.shape[0] + CAPTION_H and np.array_equal(marked[CAPTION_H:], plain)
+    strip = marked[:CAPTION_H].astype(int)
+    assert ((strip[..., 0] > 120) & (strip[..., 1] < 80)).any()  # red text
+    page = gallery_html([{"id": "a", "panel": "a.png", "iou": None}], banner="RANDOM WEIGHTS: meaningless")
+    assert "RANDOM WEIGHTS: meaningless" in page and "RANDOM" not in gallery_html([])
