@@ -102,6 +102,14 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint file, and no checkpoints/{LATEST} in it (has the run saved one?)")
 
 
+def label(path: str | Path) -> str:
+    """A name for what a checkpoint file is, for output folders: '<run folder>-<file stem>'
+    (outputs/voc/train/weclip_voc/checkpoints/iter_0002000.pt -> 'weclip_voc-iter_0002000')."""
+    path = Path(path).resolve()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{run.name}-{path.stem}"
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; ``CheckpointMismatch`` when it is not one of ours."""
     path = resolve(path)
