@@ -54,8 +54,8 @@ def fail(e: BaseException) -> int:
                errno.EDQUOT: "free some space or choose another --out, then re-run",
                errno.EEXIST: "a file is in the way of an output folder; choose another --out",
                errno.ENOTDIR: "a file is in the way of an output folder; choose another --out",
-               errno.EACCES: "no permission; choose a folder you can write to (--out)",
-               errno.EROFS: "read-only file system; choose another --out"}.get(e.errno, "")
+               errno.EACCES: "choose a folder you can write to (--out)",
+               errno.EROFS: "choose another --out"}.get(e.errno, "")
         msg = f"{where}{e.strerror.lower()}{f'; {fix}' if fix else ''}"
     print(f"error: {msg}", file=sys.stderr)
     return 2

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else Path("outputs") / cfg["data"]["dataset"] / "train" / Path(args.config).stem
         res = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
                     tensorboard=not args.no_tensorboard)
-    except (ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError) as e:
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError, FloatingPointError) as e:
         return fail(e)
     if dist_env()[0] == 0:
         miou = res.pop("val_miou")  # a fraction in the library; percent (0-100) in every file and on screen

@@ -332,3 +332,15 @@ def test_random_weight_banner_on_panels_and_page():
     assert ((strip[..., 0] > 120) & (strip[..., 1] < 80)).any()  # red text
     page = gallery_html([{"id": "a", "panel": "a.png", "iou": None}], banner="RANDOM WEIGHTS: meaningless")
     assert "RANDOM WEIGHTS: meaningless" in page and "RANDOM" not in gallery_html([])
+
+
+def test_diverging_training_is_a_message(monkeypatch, capsys):
+    import pipeline.train
+    from stages.train import main as train_main
+
+    def diverge(*a, **k):
+        raise FloatingPointError("loss became nan at iteration 2; lower optim.lr or use amp=bf16")
+
+    monkeypatch.setattr(pipeline.train, "train", diverge)
+    assert train_main(["--config", "configs/weclip_voc.yaml", "--root", ".", "--no-progress"]) == 2
+    assert "error: loss became nan at iteration 2" in capsys.readouterr().err
