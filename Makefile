@@ -16,6 +16,8 @@ WHAT    ?= cams
 MODEL   ?= weclip
 CONFIG  ?= configs/$(MODEL)_$(DATASET).yaml
 RUN     ?= outputs/$(DATASET)/train/$(basename $(notdir $(CONFIG)))
+# NPROC=N: one process per GPU under torchrun (make cams, make train)
+LAUNCH   = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 
 # $(call q,VALUE): VALUE as one single-quoted shell word, whatever it contains
 q = '$(subst ','"'"',$(1))'
@@ -34,7 +36,7 @@ help:
 	@echo "  make setup         create .venv and install the requirements"
 	@echo "  make test          run the test suite (CPU)"
 	@echo "  make demo          CAMs, pseudo labels and panels for a few photos  [CLIP OUT]"
-	@echo "  make cams          CLIP-ES CAMs of a split            DATASET ROOT SPLIT CLIP [OUT PROMPT]"
+	@echo "  make cams          CLIP-ES CAMs of a split            DATASET ROOT SPLIT CLIP [OUT PROMPT NPROC]"
 	@echo "  make pseudo        CRF pseudo labels from the CAMs    DATASET ROOT SPLIT [CAMS OUT JOBS]"
 	@echo "  make cams-pseudo   pseudo labels straight from CAMs   DATASET ROOT SPLIT CLIP [OUT JOBS PROMPT]"
 	@echo "  make prompts       rank prompt templates by sharpness DATASET ROOT SPLIT CLIP [OUT]"
@@ -59,7 +61,7 @@ test:
 cams:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.cams $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--out,$(OUT)) \
+	$(LAUNCH) -m stages.cams $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--out,$(OUT)) \
 		$(call opt,--prompt,$(PROMPT)) $(ARGS)
 
 # CAMs and CRF pseudo labels in one pass, without keeping CAM files (COCO-sized runs)
@@ -96,7 +98,7 @@ viz:
 
 train:
 	$(NEED_ROOT)
-	$(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY)) -m stages.train \
+	$(LAUNCH) -m stages.train \
 		--config $(call q,$(CONFIG)) $(DATA_FLAGS) $(call opt,--val-split,$(VAL_SPLIT)) \
 		$(call opt,--pseudo,$(LABELS)) $(call opt,--clip,$(CLIP)) $(call opt,--set,$(if $(INIT),model.pretrained=$(INIT))) \
 		$(call opt,--out,$(OUT)) $(ARGS)

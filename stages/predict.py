@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         config = {"stage": "predict", "checkpoint_sha256": sha256_file(ckpt_file), "infer": cfg.as_dict(),
                   "format": args.format, "images": str(Path(args.images).resolve()) if args.images else None,
                   "root": str(Path(args.root).resolve()) if args.root else None, "split": args.split}
-        check_manifest(out, config, args.overwrite, outputs="*.png")
+        check_manifest(out, config, args.overwrite, outputs="**/*.png")
         write_manifest(out, config, status="running", checkpoint=str(ckpt_file))
         res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
                             overlay_dir=None if args.no_overlays else out / "overlay")

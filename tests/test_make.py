@@ -299,3 +299,33 @@ def test_outputs_of_other_settings_never_mix(ctx):
     proc = make(ctx, "eval", {"WHAT": "cams", "ROOT": str(ctx.voc), "SPLIT": str(ctx.lists / "train.txt"),
                               "ARGS": "--bg const --no-progress"})
     assert proc.returncode == 2 and "different configuration" in proc.stderr and "bg" in proc.stderr
+
+
+# Which header variables each target must pass on (checked on `make -n`, so it costs nothing).
+REACH = {
+    "cams": ["ROOT", "SPLIT", "CLIP", "OUT", "PROMPT", "ARGS", "NPROC"],
+    "cams-pseudo": ["ROOT", "SPLIT", "CLIP", "OUT", "PROMPT", "JOBS", "ARGS"],
+    "prompts": ["ROOT", "SPLIT", "CLIP", "OUT", "ARGS"],
+    "pseudo": ["ROOT", "SPLIT", "CAMS", "OUT", "JOBS", "ARGS"],
+    "eval": ["ROOT", "SPLIT", "CAMS", "LABELS", "OUT", "JOBS", "ARGS"],
+    "viz": ["ROOT", "SPLIT", "CAMS", "LABELS", "OUT", "JOBS", "ARGS"],
+    "train": ["ROOT", "SPLIT", "VAL_SPLIT", "LABELS", "CLIP", "INIT", "CONFIG", "OUT", "NPROC", "ARGS"],
+    "predict": ["CKPT", "IMAGES", "CLIP", "OUT", "ARGS"],
+    "export-mmseg": ["ROOT", "SPLIT", "VAL_SPLIT", "LABELS", "OUT", "ARGS"],
+    "demo": ["CLIP", "OUT", "ARGS"],
+}
+
+
+@pytest.mark.parametrize("target", list(REACH))
+def test_header_variables_reach_their_targets(target):
+    values = {v: f"/some where/{v.lower()} it's" for v in REACH[target]}
+    values.update({k: v for k, v in {"NPROC": "3", "JOBS": "5", "ARGS": "--an-extra-flag"}.items() if k in values})
+    proc = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), target,
+                           *[f"{k}={v}" for k, v in values.items()]], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    shell = proc.stdout.replace("\\\n", " ")
+    words = shlex.split(" ".join(line for line in shell.splitlines() if " -m " in line))
+    for var, value in values.items():  # each value arrives as one word: the shell did not split it
+        assert var == "NPROC" or any(w == value or w.endswith(f"={value}") for w in words), (var, words)
+    if "NPROC" in values:
+        assert "--nproc_per_node 3" in shell
