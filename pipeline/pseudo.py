@@ -238,10 +238,9 @@ class StreamingLabeller:
         from concurrent.futures import ProcessPoolExecutor
 
         self.dataset, self.out, self.cfg = dataset, Path(out_dir), for_dataset(cfg, dataset)
-        cfg = self.cfg
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",
-                       "cams_config": cams_config, **cfg.as_dict()}
+                       "cams_config": cams_config, **self.cfg.as_dict()}
         self.resume = check_manifest(self.out, self.config, overwrite=overwrite, outputs="*.png")
         write_manifest(self.out, self.config, status="running")
         self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
