@@ -1,11 +1,14 @@
-# WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models.
-# Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, CLIP (ViT-B-16.pt), PROMPT, WHAT,
-# JOBS (CRF processes), OUT, ARGS (extra flags passed through); training: MODEL (weclip|deeplab), CONFIG,
-# LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
+# WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models. `make` alone lists the targets.
+# Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, VAL_SPLIT, CLIP (ViT-B-16.pt), PROMPT,
+# WHAT, JOBS (CRF processes), OUT, CAMS (CAM folder), ARGS (extra flags passed through); training: MODEL
+# (weclip|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
+# Paths may contain spaces; ARGS is passed to the shell as written.
 PY      ?= .venv/bin/python
 DATASET ?= voc
 SPLIT   ?=
+VAL_SPLIT ?=
 OUT     ?=
+CAMS    ?=
 ARGS    ?=
 JOBS    ?=
 PROMPT  ?=
@@ -13,14 +16,38 @@ WHAT    ?= cams
 MODEL   ?= weclip
 CONFIG  ?= configs/$(MODEL)_$(DATASET).yaml
 RUN     ?= outputs/$(DATASET)/train/$(basename $(notdir $(CONFIG)))
-SPLIT_FLAG  = $(if $(SPLIT),--split $(SPLIT))
-OUT_FLAG    = $(if $(OUT),--out $(OUT))
-JOBS_FLAG   = $(if $(JOBS),-j $(JOBS))
-PROMPT_FLAG = $(if $(PROMPT),--prompt "$(PROMPT)")
-NEED_ROOT   = @test -n "$(ROOT)" || { echo "ROOT=/path/to/dataset is required (e.g. ROOT=~/data/VOC2012)"; exit 2; }
-NEED_CLIP   = @test -n "$(CLIP)" || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
+# NPROC=N: one process per GPU under torchrun (make cams, make train)
+LAUNCH   = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
 
-.PHONY: setup test cams cams-pseudo prompts pseudo eval viz train predict export-mmseg demo bench
+# $(call q,VALUE): VALUE as one single-quoted shell word, whatever it contains
+q = '$(subst ','"'"',$(1))'
+# $(call opt,--flag,VALUE): the flag and its quoted value, or nothing when VALUE is empty
+opt = $(if $(2),$(1) $(call q,$(2)))
+DATA_FLAGS  = --dataset $(DATASET) $(call opt,--root,$(ROOT)) $(call opt,--split,$(SPLIT))
+NEED_ROOT   = @test -n $(call q,$(ROOT)) || { echo "ROOT=/path/to/dataset is required (e.g. ROOT=~/data/VOC2012)"; exit 2; }
+NEED_CLIP   = @test -n $(call q,$(CLIP)) || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test cams cams-pseudo prompts pseudo eval viz train predict export-mmseg demo bench
+
+help:
+	@echo "clip-wsss: weakly supervised segmentation with a frozen CLIP (README.md has the details)"
+	@echo ""
+	@echo "  make setup         create .venv and install the requirements"
+	@echo "  make test          run the test suite (CPU)"
+	@echo "  make demo          CAMs, pseudo labels and panels for a few photos  [CLIP OUT]"
+	@echo "  make cams          CLIP-ES CAMs of a split            DATASET ROOT SPLIT CLIP [OUT PROMPT NPROC]"
+	@echo "  make pseudo        CRF pseudo labels from the CAMs    DATASET ROOT SPLIT [CAMS OUT JOBS]"
+	@echo "  make cams-pseudo   pseudo labels straight from CAMs   DATASET ROOT SPLIT CLIP [OUT JOBS PROMPT]"
+	@echo "  make prompts       rank prompt templates by sharpness DATASET ROOT SPLIT CLIP [OUT]"
+	@echo "  make eval          WHAT=cams|pseudo|model             DATASET ROOT SPLIT [CAMS LABELS CKPT OUT JOBS]"
+	@echo "  make viz           panels + index.html, worst first   DATASET ROOT SPLIT [CAMS LABELS OUT JOBS]"
+	@echo "  make train         train MODEL=weclip|deeplab         DATASET ROOT LABELS [SPLIT VAL_SPLIT CLIP INIT CONFIG OUT NPROC]"
+	@echo "  make predict       label PNGs + overlays              CKPT and IMAGES, or DATASET ROOT SPLIT [OUT CLIP]"
+	@echo "  make export-mmseg  mmsegmentation dataset + config    DATASET ROOT [SPLIT VAL_SPLIT LABELS OUT]"
+	@echo "  make bench         speed figures"
+	@echo ""
+	@echo "Extra flags of the underlying command go through ARGS=\"...\" (e.g. ARGS=\"--overwrite\")."
 
 setup:
 	python3 -m venv .venv
@@ -39,51 +66,60 @@ test-fast:
 cams:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(OUT_FLAG) $(PROMPT_FLAG) $(ARGS)
+	$(LAUNCH) -m stages.cams $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--out,$(OUT)) \
+		$(call opt,--prompt,$(PROMPT)) $(ARGS)
 
 # CAMs and CRF pseudo labels in one pass, without keeping CAM files (COCO-sized runs)
 cams-pseudo:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(PROMPT_FLAG) \
-		--pseudo-out $(or $(OUT),outputs/$(DATASET)/pseudo) --no-keep-cams $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.cams $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--prompt,$(PROMPT)) \
+		--pseudo-out $(call q,$(or $(OUT),outputs/$(DATASET)/pseudo)) --no-keep-cams $(call opt,-j,$(JOBS)) $(ARGS)
 
 prompts:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.prompts --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(OUT_FLAG) $(ARGS)
+	$(PY) -m stages.prompts $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 
 pseudo:
 	$(NEED_ROOT)
-	$(PY) -m stages.pseudo --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.pseudo $(DATA_FLAGS) $(call opt,--cams,$(CAMS)) $(call opt,--out,$(OUT)) \
+		$(call opt,-j,$(JOBS)) $(ARGS)
 
 eval:
 	$(NEED_ROOT)
 ifeq ($(WHAT),model)
-	$(PY) -m stages.evaluate_model --checkpoint $(or $(CKPT),$(RUN)) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(ARGS)
+	$(PY) -m stages.evaluate_model --checkpoint $(call q,$(or $(CKPT),$(RUN))) $(DATA_FLAGS) \
+		$(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 else
-	$(PY) -m stages.eval --what $(WHAT) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.eval --what $(WHAT) $(DATA_FLAGS) $(call opt,--cams,$(CAMS)) $(call opt,--pseudo,$(LABELS)) \
+		$(call opt,--out,$(OUT)) $(call opt,-j,$(JOBS)) $(ARGS)
 endif
 
 viz:
 	$(NEED_ROOT)
-	$(PY) -m stages.viz --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.viz $(DATA_FLAGS) $(call opt,--cams,$(CAMS)) $(call opt,--pseudo,$(LABELS)) \
+		$(call opt,--out,$(OUT)) $(call opt,-j,$(JOBS)) $(ARGS)
 
 train:
 	$(NEED_ROOT)
-	$(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY)) -m stages.train \
-		--config $(CONFIG) --dataset $(DATASET) --root $(ROOT) $(if $(LABELS),--pseudo $(LABELS)) \
-		$(if $(CLIP),--clip $(CLIP)) $(if $(INIT),--set model.pretrained=$(INIT)) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(LAUNCH) -m stages.train \
+		--config $(call q,$(CONFIG)) $(DATA_FLAGS) $(call opt,--val-split,$(VAL_SPLIT)) \
+		$(call opt,--pseudo,$(LABELS)) $(call opt,--clip,$(CLIP)) $(call opt,--set,$(if $(INIT),model.pretrained=$(INIT))) \
+		$(call opt,--out,$(OUT)) $(ARGS)
 
 predict:
-	$(PY) -m stages.predict --checkpoint $(or $(CKPT),$(RUN)) $(if $(IMAGES),--images $(IMAGES),--dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG)) $(OUT_FLAG) $(ARGS)
+	$(if $(IMAGES),,$(NEED_ROOT))
+	$(PY) -m stages.predict --checkpoint $(call q,$(or $(CKPT),$(RUN))) \
+		$(if $(IMAGES),--images $(call q,$(IMAGES)),$(DATA_FLAGS)) $(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 
 export-mmseg:
 	$(NEED_ROOT)
-	$(PY) -m stages.export_mmseg --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(if $(LABELS),--pseudo $(LABELS)) $(OUT_FLAG) $(ARGS)
+	$(PY) -m stages.export_mmseg $(DATA_FLAGS) $(call opt,--val-split,$(VAL_SPLIT)) $(call opt,--pseudo,$(LABELS)) \
+		$(call opt,--out,$(OUT)) $(ARGS)
 
 demo:
-	$(PY) -m stages.demo $(if $(CLIP),--clip $(CLIP)) $(ARGS)
+	$(PY) -m stages.demo $(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 
 bench:
 	$(PY) -m benchmarks.cams $(ARGS)

@@ -39,6 +39,21 @@ def load_cams(path: str | Path) -> dict[str, np.ndarray]:
     return d
 
 
+def check_cams(d: dict[str, np.ndarray], path: str | Path, num_classes: int, grid: tuple[int, int]) -> None:
+    """Check loaded CAMs against the dataset: class ids within ``0..num_classes-1``, finite maps, and
+    the patch grid ``grid`` = (h, w) the CAM stage gives this image. ``ValueError`` names the file."""
+    keys, cams = d["keys"], d["cams"]
+    bad = sorted({int(k) for k in keys if not 0 <= k < num_classes})
+    if bad:
+        raise ValueError(f"{path}: class ids {bad} are outside this vocabulary's 0..{num_classes - 1}; the CAMs "
+                         "were made with another class list: re-run the CAM stage")
+    if not np.isfinite(cams).all():
+        raise ValueError(f"{path}: CAMs contain NaN or infinite values; re-run the CAM stage for this image")
+    if tuple(cams.shape[1:]) != tuple(grid):
+        raise ValueError(f"{path}: CAMs have a {cams.shape[1]}x{cams.shape[2]} patch grid, this image gives "
+                         f"{grid[0]}x{grid[1]}; the CAMs are stale or from another setting: re-run the CAM stage")
+
+
 def upsample_cams(cams: np.ndarray, image_size: tuple[int, int], dtype=np.float16) -> np.ndarray:
     """Patch-resolution CAMs (K, h, w) -> original resolution (K, H, W) as SPEC 4.7-4.8 does it:
     OpenCV INTER_LINEAR resize (half-pixel centres) of each normalised map, stacked and cast to

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_open, write_json
+from .io import UnreadableWeights, atomic_open, torch_load, write_json
 
 FORMAT = "wsss-seg-checkpoint/1"
 LATEST = "latest.json"
@@ -102,13 +102,21 @@ def resolve(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no checkpoint file, and no checkpoints/{LATEST} in it (has the run saved one?)")
 
 
+def label(path: str | Path) -> str:
+    """A name for what a checkpoint file is, for output folders: '<run folder>-<file stem>'
+    (outputs/voc/train/weclip_voc/checkpoints/iter_0002000.pt -> 'weclip_voc-iter_0002000')."""
+    path = Path(path).resolve()
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return f"{run.name}-{path.stem}"
+
+
 def load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; ``CheckpointMismatch`` when it is not one of ours."""
     path = resolve(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointMismatch(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        ckpt = torch_load(path, "pass another checkpoint (a run folder keeps its newest ones in checkpoints/)")
+    except UnreadableWeights as e:
+        raise CheckpointMismatch(str(e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointMismatch(f"{path}: not a segmentation checkpoint of this project (format "
                                  f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "

@@ -19,6 +19,7 @@ import yaml
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 IGNORE_INDEX = 255
+MAX_CLASSES = IGNORE_INDEX - 1  # foreground ids 1..254 in 8-bit label maps
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class ClassList:
         where = f" in {self.source}" if self.source else ""
         if not self.names:
             raise ValueError(f"no foreground classes{where}")
+        if len(self.names) > MAX_CLASSES:
+            raise ValueError(f"{len(self.names)} foreground classes{where}; at most {MAX_CLASSES} fit the 8-bit label "
+                             f"PNGs (0 is background, {IGNORE_INDEX} is ignore): split the vocabulary")
         if len(self.prompts) != len(self.names):
             raise ValueError(f"{len(self.names)} class names but {len(self.prompts)} prompts{where}")
         if "{}" not in self.template:

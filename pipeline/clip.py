@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .io import UnreadableWeights, error_detail, torch_load
+
 HEAD_DIM = 64  # every OpenAI CLIP uses 64-dim heads
 # Keys the OpenAI TorchScript archives carry next to the weights.
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -232,8 +234,9 @@ class CLIPArch:
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> "CLIPArch":
         if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
-            raise CheckpointError(f"{source}: this is a ResNet CLIP (RN50/RN101/...); CAMs need a ViT CLIP "
-                                  "such as ViT-B/16 (ViT-B-16.pt)")
+            raise CheckpointError(f"{source}: this is a ResNet CLIP (RN50/RN101/...); this project needs a ViT CLIP "
+                                  "such as ViT-B/16 (ViT-B-16.pt): the CAMs, prompt ranking and WeCLIP's "
+                                  "decoder all read the ViT's patch tokens and attention")
         required = ["visual.conv1.weight", "visual.positional_embedding", "visual.class_embedding", "visual.proj",
                     "token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"]
         missing = [k for k in required if k not in sd]
@@ -312,16 +315,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     sd = torch.jit.load(str(path), map_location="cpu").state_dict()
             else:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+                sd = torch_load(path, "download it again")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        # torch's own text for a non-checkpoint suggests weights_only=False: not advice to pass on
-        detail = "" if "weights_only" in str(e) else f": {str(e).splitlines()[0][:160]}"
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}{detail}). The file is "
-                              "truncated or not a PyTorch/TorchScript file; download it again") from e
+            sd = torch_load(path, "download it again")
+    except UnreadableWeights as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # a damaged TorchScript archive
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error_detail(e)}); the file is truncated or not "
+                              "a PyTorch/TorchScript file: download it again") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -39,8 +39,12 @@ def read_id_list(path: str | Path) -> list[str]:
     return ids
 
 
-def read_labels_file(path: str | Path, classes: ClassList) -> dict[str, list[int]]:
+def read_labels_file(path: str | Path, classes: ClassList,
+                     errors: dict[str, str] | None = None) -> dict[str, list[int]]:
     """Image-level labels from a file, in file order per image (duplicates dropped).
+
+    An unknown class name raises ``SampleError``; with ``errors`` given, that image's message goes
+    there instead (and the image is left out of the result), so one bad line fails one image only.
 
     Formats: JSON ``{id: [name or index, ...]}``; CSV ``id,label[,label...]`` (a cell may hold several
     labels separated by ';' or '|'; a header row starting with 'id' is skipped); or text lines
@@ -77,10 +81,14 @@ def read_labels_file(path: str | Path, classes: ClassList) -> dict[str, list[int
             try:
                 c = classes.index(n)
             except KeyError as e:
-                raise SampleError(f"{path}: image {image_id}: {e.args[0]}") from None
+                if errors is None:
+                    raise SampleError(f"{path}: image {image_id}: {e.args[0]}") from None
+                errors[image_id] = f"{path}: image {image_id}: {e.args[0]}"
+                break
             if c not in ids:
                 ids.append(c)
-        out[image_id] = ids
+        else:
+            out[image_id] = ids
     return out
 
 
@@ -112,7 +120,8 @@ class Dataset:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: dataset root not found (pass ROOT=/path/to/{self.name} data)")
         self.classes = classes
-        self._labels = read_labels_file(labels_file, classes) if labels_file else None
+        self._label_errors: dict[str, str] = {}  # labels-file lines naming unknown classes, per image
+        self._labels = read_labels_file(labels_file, classes, self._label_errors) if labels_file else None
 
     # -- to override -------------------------------------------------------------------------
     def image_path(self, image_id: str) -> Path:
@@ -121,6 +130,11 @@ class Dataset:
     def mask_path(self, image_id: str) -> Path | None:
         """Ground-truth mask path, or None when the dataset has none for this image."""
         return None
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the dataset has ground truth at all (a folder dataset only with --masks)."""
+        return True
 
     def _own_labels(self, image_id: str) -> list[int]:
         mask = self.mask_path(image_id)
@@ -150,6 +164,8 @@ class Dataset:
     def labels(self, image_id: str) -> list[int]:
         """Foreground labels of an image, 0-based, in the reference's order; never empty."""
         if self._labels is not None:
+            if image_id in self._label_errors:
+                raise SampleError(self._label_errors[image_id])
             if image_id not in self._labels:
                 raise SampleError(f"image {image_id}: not in the labels file; add a line for it or drop it from the split")
             labels = self._labels[image_id]
@@ -221,7 +237,7 @@ class COCODataset(Dataset):
 
     def default_ids(self, split: str) -> list[str]:
         if self._labels is not None:
-            return list(self._labels)
+            return list(self._labels) + list(self._label_errors)
         for d in (self.root / "JPEGImages" / f"{split}2014", self.root / f"{split}2014"):
             if d.is_dir():
                 return sorted(p.stem for p in d.glob("*.jpg"))
@@ -251,10 +267,14 @@ class FolderDataset(Dataset):
     def mask_path(self, image_id: str) -> Path | None:
         return _first_existing([self.masks / f"{image_id}.png"]) if self.masks else None
 
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
     def default_ids(self, split: str) -> list[str]:
         """The labelled images, or every image found when there is no labels file (prediction)."""
         if self._labels is not None:
-            return list(self._labels)
+            return list(self._labels) + list(self._label_errors)
         return sorted({str(p.relative_to(self.root).with_suffix("")) for p in self._paths.values()})
 
     def _own_labels(self, image_id: str) -> list[int]:

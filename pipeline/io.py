@@ -10,8 +10,11 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import subprocess
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -28,6 +31,17 @@ class StaleOutputError(RuntimeError):
     """An output folder holds results made with another configuration."""
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; the lock keeps threads from seeing 0)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temp file next to ``path``; on success fsync and rename it onto ``path``.
@@ -38,14 +52,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; outputs get what open() would give them under the user's umask
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write (disk full): name the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -95,7 +113,44 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise
     except Exception as e:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-        raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {e}); delete it and re-run the stage") from e
+        raise ValueError(f"{path}: unreadable .npz ({error_detail(e)}); delete it and re-run the stage") from e
+
+
+# Library texts that advise unsafe loading; never passed on to the user.
+_UNSAFE_ADVICE = ("weights_only", "allow_pickle", "trust the source")
+
+
+def error_detail(e: BaseException) -> str:
+    """``e`` as 'Type: first sentence' (whole sentences only), without library text that advises
+    unsafe loading (torch's weights_only=False, numpy's allow_pickle=True)."""
+    lines = str(e).strip().splitlines()
+    text = re.split(r"(?<=[.!?])\s", lines[0], maxsplit=1)[0].rstrip(".") if lines else ""
+    if any(w in text for w in _UNSAFE_ADVICE):
+        text = ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class UnreadableWeights(ValueError):
+    """A weights file that cannot be read safely; the message names the file and the fix."""
+
+
+def torch_load(path: str | os.PathLike, fix: str = "download or copy it again") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; ``UnreadableWeights`` with one whole sentence
+    naming the file otherwise (empty, truncated, not a torch file, or holding non-tensor objects)."""
+    import torch
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise UnreadableWeights(f"{path}: the file is empty (0 bytes); {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = ("it holds Python objects besides tensors, which are not loaded because unpickling them can run code"
+               if any(w in str(e) for w in _UNSAFE_ADVICE) else f"it is not a PyTorch file ({error_detail(e)})")
+        raise UnreadableWeights(f"{path}: cannot read weights: {why}; {fix}") from None
+    except Exception as e:  # truncated zip, EOF, foreign format ...
+        raise UnreadableWeights(f"{path}: cannot read weights, the file is truncated or not a PyTorch file "
+                                f"({error_detail(e)}); {fix}") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -117,14 +172,35 @@ def code_version() -> str:
         return "unknown"
 
 
-def check_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], overwrite: bool = False) -> bool:
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """``path`` as an output folder; ``ValueError`` naming it when it, or a folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{p}: is a file, not a folder; choose another output folder (--out)")
+            break
+    return path
+
+
+def holds_outputs(out_dir: str | os.PathLike, pattern: str = "*") -> bool:
+    """Whether ``out_dir`` holds a finished output matching ``pattern`` (the manifest, errors.json and
+    hidden temp files do not count)."""
+    return any(p.is_file() and p.name not in (MANIFEST, ERRORS) and not p.name.startswith(".")
+               for p in Path(out_dir).glob(pattern))
+
+
+def check_manifest(out_dir: str | os.PathLike, config: Mapping[str, Any], overwrite: bool = False,
+                   outputs: str = "*") -> bool:
     """Refuse to mix outputs: compare ``config`` with ``<out_dir>/manifest.json``.
 
     Returns True when the folder already holds outputs of this very config (resume), False when it
     is new or ``overwrite`` allows replacing a different config. Raises ``StaleOutputError`` otherwise.
+    A manifest binds the folder only once some output (files matching ``outputs``) was finished: a
+    first run that failed before finishing anything never locks its folder.
     """
     path = Path(out_dir) / MANIFEST
-    if not path.exists():
+    if not path.exists() or not holds_outputs(out_dir, outputs):
         return False
     try:
         old = json.loads(path.read_text()).get("config")

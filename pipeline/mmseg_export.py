@@ -60,7 +60,8 @@ def _missing(paths: Sequence[Path], what: str) -> None:
     gone = [str(p) for p in paths if not p.is_file()]
     if gone:
         more = f" ... ({len(gone)} in all)" if len(gone) > 5 else ""
-        raise ExportError(f"{len(gone)} {what} missing: {', '.join(gone[:5])}{more}")
+        raise ExportError(f"{len(gone)} {what} missing: {', '.join(gone[:5])}{more}; does the split list name the "
+                          "images you have? Choose it with --split / --val-split (make: SPLIT= / VAL_SPLIT=)")
 
 
 def dataset_config(classes: Sequence[str], train: dict[str, Any], val: dict[str, Any] | None,

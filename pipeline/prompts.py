@@ -71,7 +71,9 @@ class Ranking:
     miou: dict[str, float]
 
     def rows(self) -> list[dict]:
-        return [{"rank": i + 1, "template": t, "sharpness": s, "init_cam_miou": self.miou.get(t)}
+        """One row per template; mIoU in percent (0-100), as every file and screen of the project shows it."""
+        return [{"rank": i + 1, "template": t, "sharpness": s,
+                 "init_cam_miou_pct": None if self.miou.get(t) is None else 100 * self.miou[t]}
                 for i, (t, s) in enumerate(zip(self.templates, self.sharpness))]
 
 
@@ -121,14 +123,14 @@ def write_ranking(out_dir: str | Path, ranking: Ranking) -> None:
     w.writeheader()
     w.writerows(rows)
     write_bytes(out / "ranking.csv", buf.getvalue().encode())
-    md = ["| rank | template | sharpness | initial-CAM mIoU |", "|---:|---|---:|---:|"]
-    md += [f"| {r['rank']} | `{r['template']}` | {r['sharpness']:.5f} | {_pct(r['init_cam_miou'])} |" for r in rows]
+    md = ["| rank | template | sharpness | initial-CAM mIoU (%) |", "|---:|---|---:|---:|"]
+    md += [f"| {r['rank']} | `{r['template']}` | {r['sharpness']:.5f} | {_pct(r['init_cam_miou_pct'])} |" for r in rows]
     write_bytes(out / "ranking.md", ("\n".join(md) + "\n").encode())
     write_bytes(out / "sharpness.png", _plot(ranking))
 
 
 def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.2f}"
+    return "" if v is None else f"{v:.2f}"
 
 
 def _plot(ranking: Ranking) -> bytes:

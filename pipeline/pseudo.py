@@ -10,18 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import crf
-from .camfile import load_cams, upsample_cams
+from .camfile import check_cams, load_cams, upsample_cams
 from .datasets import Dataset, SampleError, read_mask
-from .image import load_rgb
-from .io import check_manifest, write_errors, write_manifest
+from .image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, target_size
+from .io import check_manifest, check_output_folder, write_errors, write_manifest
 from .labelio import FORMATS, write_label
+from .procs import worker_init
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,10 @@ def pseudo_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray
                       confidence=cfg.confidence, power=cfg.power)
 
 
-def load_cams_for(cam_path: str | Path, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Load a CAM file and check it belongs to an image of ``image_size`` = (H, W)."""
+def load_cams_for(cam_path: str | Path, image_size: tuple[int, int], num_classes: int,
+                  max_patches: int = DEFAULT_MAX_PATCHES) -> dict[str, np.ndarray]:
+    """Load a CAM file and check it belongs to an image of ``image_size`` = (H, W) of a dataset with
+    ``num_classes`` classes, made with ``max_patches`` (class ids, finite values, patch grid)."""
     cam_path = Path(cam_path)
     if not cam_path.is_file():
         raise SampleError(f"{cam_path}: CAM file not found; run the CAM stage for this image (make cams)")
@@ -72,6 +75,7 @@ def load_cams_for(cam_path: str | Path, image_size: tuple[int, int]) -> dict[str
     if size != tuple(image_size):
         raise SampleError(f"{cam_path}: CAMs are for an image of size {size} (H, W) but the image is "
                           f"{tuple(image_size)}; the CAMs are stale or from another dataset: re-run the CAM stage")
+    check_cams(d, cam_path, num_classes, tuple(s // PATCH for s in target_size(*size, max_patches)))
     return d
 
 
@@ -95,6 +99,7 @@ class Task:
     cams: str
     out: str
     gt: str | None = None
+    max_patches: int = DEFAULT_MAX_PATCHES  # the CAM stage's, to check the CAMs' patch grid
 
 
 def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str | None]:
@@ -102,7 +107,7 @@ def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str
     try:
         image = load_rgb(task.image)
         size = image.shape[:2]
-        d = load_cams_for(task.cams, size)
+        d = load_cams_for(task.cams, size, num_classes, task.max_patches)
         if cfg.require_gt:
             read_gt(task.gt, task.image_id, num_classes, size)
         label = pseudo_label(image, d["keys"], d["cams"], cfg)
@@ -122,9 +127,8 @@ def default_jobs() -> int:
     return max(1, joblib.cpu_count())
 
 
-def _single_threaded(fn: Callable, *args):
-    # Each worker handles one image; OpenCV's own thread pool would only oversubscribe the cores.
-    _cv2_single_thread()
+def _in_worker(fn: Callable, *args):
+    worker_init()  # joblib has no initializer: arm it with the first task (idempotent)
     return fn(*args)
 
 
@@ -143,7 +147,7 @@ def run_tasks(fn: Callable, tasks: Sequence, args: tuple = (), n_jobs: int | Non
             from joblib import Parallel, delayed
 
             results = Parallel(n_jobs=min(n_jobs, len(tasks)), batch_size=1, return_as="generator_unordered")(
-                delayed(_single_threaded)(fn, t, *args) for t in tasks)
+                delayed(_in_worker)(fn, t, *args) for t in tasks)
         for r in results:
             bar.update(1)
             yield r
@@ -157,6 +161,11 @@ def _cams_provenance(cams_dir: Path) -> Any:
         return json.loads((cams_dir / "manifest.json").read_text()).get("config")
     except (OSError, ValueError):
         return None
+
+
+def for_dataset(cfg: PseudoConfig, dataset: Dataset) -> PseudoConfig:
+    """``cfg`` without the ground-truth requirement when the dataset has no ground truth at all."""
+    return cfg if dataset.has_masks or not cfg.require_gt else replace(cfg, require_gt=False)
 
 
 def stage_config(dataset: Dataset, cams_dir: str | Path, cfg: PseudoConfig) -> dict[str, Any]:
@@ -175,9 +184,11 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     Resumes when ``out_dir`` holds labels of the same config (existing PNGs are kept); raises
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
     """
-    cams_dir, out_dir = Path(cams_dir), Path(out_dir)
+    cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
+    cfg = for_dataset(cfg, dataset)
     config = stage_config(dataset, cams_dir, cfg)
-    resume = check_manifest(out_dir, config, overwrite=overwrite)
+    max_patches = (config["cams_config"] or {}).get("max_patches") or DEFAULT_MAX_PATCHES
+    resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
     write_manifest(out_dir, config, status="running")
     tasks, skipped = [], 0
     for image_id in ids:
@@ -187,7 +198,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
             continue
         gt = dataset.mask_path(image_id)
         tasks.append(Task(image_id, str(dataset.image_path(image_id)), str(cams_dir / f"{image_id}.npz"), str(out),
-                          None if gt is None else str(gt)))
+                          None if gt is None else str(gt), max_patches))
     t0 = time.perf_counter()
     errors = {i: msg for i, msg in run_tasks(label_one, tasks, (cfg, dataset.classes.num_classes), n_jobs,
                                              desc="pseudo", progress=progress) if msg}
@@ -226,16 +237,16 @@ class StreamingLabeller:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
+        self.dataset, self.out, self.cfg = dataset, Path(out_dir), for_dataset(cfg, dataset)
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",
-                       "cams_config": cams_config, **cfg.as_dict()}
-        self.resume = check_manifest(self.out, self.config, overwrite=overwrite)
+                       "cams_config": cams_config, **self.cfg.as_dict()}
+        self.resume = check_manifest(self.out, self.config, overwrite=overwrite, outputs="*.png")
         write_manifest(self.out, self.config, status="running")
         self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
         # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
         self.pool = ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_cv2_single_thread)
+                                        initializer=worker_init)
         self.pending: list = []
         self.errors: dict[str, str] = {}
         self.done_count = 0
@@ -273,9 +284,3 @@ class StreamingLabeller:
         write_manifest(self.out, self.config, status="failed" if errors else "complete",
                        summary={"done": self.done_count, "failed": len(errors), "out": str(self.out)})
         return errors
-
-
-def _cv2_single_thread() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)

@@ -193,7 +193,8 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
 # ---------------------------------------------------------------------------------- validation
 def _check_one(sample: Sample, num_classes: int) -> str | None:
-    """Cheap check of one pair: files exist, PNG header sizes agree (no decode), label mode P/L and
+    """Check one pair: files exist, the image decodes to its end (JPEGs at 1/8 scale, which still reads
+    all their data, so a truncated file is caught here and not mid-run), sizes agree, label mode P/L and
     values in 0..num_classes or 255 (one decode + bincount). Returns an error message or None."""
     for path, what in ((sample.image, "image"), (sample.label, "label")):
         if not Path(path).is_file():
@@ -201,6 +202,12 @@ def _check_one(sample: Sample, num_classes: int) -> str | None:
     try:
         with Image.open(sample.image) as im:
             img_size = im.size
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            try:
+                im.load()
+            except (OSError, SyntaxError, ValueError) as e:
+                return (f"{sample.image}: cannot decode image ({e}); re-download or re-encode it, or drop "
+                        f"{sample.image_id} from the split")
         with Image.open(sample.label) as lb:
             if lb.mode not in ("P", "L"):
                 return f"{sample.label}: label PNG has mode {lb.mode}; expected P (palette) or L (8-bit gray)"

@@ -26,7 +26,7 @@ from .camfile import save_cams
 from .clip import load_clip, resolve_device
 from .datasets import Dataset, SampleError, build_dataset
 from .image import DEFAULT_MAX_PATCHES, ImageError, load_for_model
-from .io import check_manifest, sha256_file, write_errors, write_json, write_manifest
+from .io import check_manifest, check_output_folder, sha256_file, write_errors, write_json, write_manifest
 from .prompts import best_template
 
 
@@ -151,7 +151,9 @@ def run_cams(cfg: CamsConfig) -> Summary:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device, dtype = resolve_device(cfg.device, cfg.precision, local_rank)
-    out = Path(cfg.out)
+    out = check_output_folder(cfg.out)
+    if cfg.pseudo_out:
+        check_output_folder(cfg.pseudo_out)
     data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks)
     ids = data.ids(cfg.split)
     options = dict(cfg.cam_options)
@@ -161,7 +163,7 @@ def run_cams(cfg: CamsConfig) -> Summary:
                         exact=cfg.exact, **options)
     ckpt_sha = sha256_file(cfg.clip)
     config = manifest_config(cfg, data, ckpt_sha, cam_cfg, dtype)
-    resume = check_manifest(out, config, cfg.overwrite) if cfg.keep_cams else False
+    resume = check_manifest(out, config, cfg.overwrite, outputs="*.npz") if cfg.keep_cams else False
     labeller = None
     if cfg.pseudo_out:
         from .pseudo import PseudoConfig, StreamingLabeller

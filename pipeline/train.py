@@ -31,7 +31,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .classes import IGNORE_INDEX
-from .io import code_version, write_bytes, write_json
+from .io import check_output_folder, code_version, write_bytes, write_json
 
 # Every key a config may set; YAML files and --set overrides are merged onto this.
 DEFAULTS: dict[str, Any] = {
@@ -260,7 +260,7 @@ def aug_config(d: Mapping):
 class RunLog:
     """CSV log (rewritten on resume up to the resume point) plus TensorBoard when installed."""
 
-    FIELDS = ("iteration", "loss", "lr", "seconds", "iters_per_s", "peak_mem_mb", "val_miou")
+    FIELDS = ("iteration", "loss", "lr", "seconds", "iters_per_s", "peak_mem_mb", "val_miou_pct")
 
     def __init__(self, out: Path, start: int, tensorboard: bool, log: Callable[[str], None]):
         self.path = out / "log.csv"
@@ -273,7 +273,7 @@ class RunLog:
         w.writerows(rows)
         write_bytes(self.path, buf.getvalue().encode())
         self.file = self.path.open("a", newline="")
-        self.csv = csv.DictWriter(self.file, self.FIELDS, lineterminator="\n")
+        self.csv = csv.DictWriter(self.file, self.FIELDS, lineterminator="\n", extrasaction="ignore")
         self.tb = None
         if tensorboard:
             try:
@@ -286,9 +286,9 @@ class RunLog:
         self.csv.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.FIELDS})
         self.file.flush()
         if self.tb:
-            for k in ("loss", "lr", "iters_per_s", "peak_mem_mb", "val_miou"):
+            for k in ("loss", "lr", "iters_per_s", "peak_mem_mb", "val_miou_pct"):
                 if row.get(k) is not None:
-                    self.tb.add_scalar(f"train/{k}" if k != "val_miou" else "val/miou", row[k], row["iteration"])
+                    self.tb.add_scalar(f"train/{k}" if k != "val_miou_pct" else "val/miou_pct", row[k], row["iteration"])
 
     def close(self) -> None:
         self.file.close()
@@ -317,7 +317,7 @@ def validate(model: nn.Module, samples, cfg: Mapping, device: torch.device, num_
 def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None,
           progress: bool = True, tensorboard: bool = True, clip_model: nn.Module | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train per ``cfg`` into ``out_dir``; returns {iteration, loss, val_miou, checkpoint, seconds}.
+    """Train per ``cfg`` into ``out_dir``; returns {iteration, loss, val_miou (0..1), checkpoint, seconds}.
 
     ``stop_at``: save and return after this iteration (the schedule still spans ``schedule.iters``;
     ``resume=True`` continues). ``clip_model``: a CLIP module to use instead of ``model.clip`` (tests).
@@ -333,7 +333,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     say = log if rank == 0 else (lambda *_: None)
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     ckdir = out / "checkpoints"
     device = pick_device(cfg["train"]["device"], local_rank)
     if device.type == "cuda":
@@ -391,7 +391,9 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
             say(f"resume: checkpoint saved by {len(rngs)} process(es), now {world}: RNGs re-seeded")
             seed_all(seed + rank + start)
         say(f"resumed from {ck['path']} at iteration {start}")
-    elif not resume and pointer.is_file():
+    elif resume:
+        say(f"--resume: {out} holds no checkpoint yet (checkpoints/{ckpt_io.LATEST}); starting a new run there")
+    elif pointer.is_file():
         raise ConfigError(f"{out} already holds a run (checkpoints/{ckpt_io.LATEST}); pass --resume to continue "
                           "it, or choose another output folder")
     if rank == 0:
@@ -447,7 +449,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
             if do_val:
                 if rank == 0:
                     val_miou = validate(ckpt_io.unwrap(model), val_samples, cfg, device, n_cls)
-                    say(f"iteration {step}: validation mIoU {100 * val_miou:.2f}")
+                    say(f"iteration {step}: validation mIoU {100 * val_miou:.2f}%")
                 if world > 1:
                     dist.barrier()
             if rank == 0 and (step % int(t_cfg["log_every"]) == 0 or do_val or step == end):
@@ -455,7 +457,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                 runlog.write({"iteration": step, "loss": round(loss_sum, 6), "lr": optimizer.param_groups[0]["lr"],
                               "seconds": round(now - t0, 3),
                               "iters_per_s": round((step - it_log) / max(now - t_log, 1e-9), 4),
-                              "peak_mem_mb": peak_memory_mb(device), "val_miou": val_miou if do_val else None})
+                              "peak_mem_mb": peak_memory_mb(device),
+                              "val_miou_pct": round(100 * val_miou, 4) if do_val else None})
                 t_log, it_log = now, step
             if step % int(t_cfg["ckpt_every"]) == 0 or step == end:
                 ck_path = _save(model, optimizer, scaler, meta, step, s_cfg, ckdir, int(t_cfg["keep_checkpoints"]),

@@ -58,9 +58,10 @@ def captioned(tile: np.ndarray, text: str) -> np.ndarray:
 
 def make_panel(image_rgb: np.ndarray, *, keys: Sequence[int] = (), cams: np.ndarray | None = None,
                label: np.ndarray | None = None, gt: np.ndarray | None = None,
-               names: Sequence[str] = (), tile_h: int = 192) -> np.ndarray:
+               names: Sequence[str] = (), tile_h: int = 192, banner: str = "") -> np.ndarray:
     """Image (H, W, 3) uint8, CAMs (K, H, W) at image size with their keys, label (H, W), GT (H, W) ->
-    panel (CAPTION_H + tile_h, n_tiles * tile_w, 3) uint8 RGB. Missing parts are left out."""
+    panel (CAPTION_H + tile_h, n_tiles * tile_w, 3) uint8 RGB. Missing parts are left out. A ``banner``
+    (e.g. that the weights are random) is written in red on a strip above the panel."""
     th, tw = tile_size(image_rgb.shape[:2], tile_h)
     small = lambda a, interp: cv2.resize(a, (tw, th), interpolation=interp)  # noqa: E731
     img = small(image_rgb, cv2.INTER_AREA)
@@ -73,12 +74,17 @@ def make_panel(image_rgb: np.ndarray, *, keys: Sequence[int] = (), cams: np.ndar
         tiles.append(captioned(overlay(small(label, cv2.INTER_NEAREST), img), "pseudo label"))
     if gt is not None:
         tiles.append(captioned(colorize(small(gt, cv2.INTER_NEAREST)), "ground truth"))
-    return np.concatenate(tiles, axis=1)
+    panel = np.concatenate(tiles, axis=1)
+    if banner:
+        strip = np.full((CAPTION_H, panel.shape[1], 3), 255, np.uint8)
+        cv2.putText(strip, banner, (3, CAPTION_H - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (200, 0, 0), 1, cv2.LINE_AA)
+        panel = np.concatenate([strip, panel], axis=0)
+    return panel
 
 
-def gallery_html(entries: Sequence[dict], title: str = "pseudo labels") -> str:
+def gallery_html(entries: Sequence[dict], title: str = "pseudo labels", banner: str = "") -> str:
     """Entries {id, panel (relative path), iou (0..1 or None)} -> static HTML, lowest IoU first
-    (images without a score last)."""
+    (images without a score last); ``banner`` is shown as a warning above everything."""
     order = sorted(entries, key=lambda e: (e.get("iou") is None, e.get("iou") if e.get("iou") is not None else 0, e["id"]))
     rows = []
     for e in order:
@@ -89,7 +95,8 @@ def gallery_html(entries: Sequence[dict], title: str = "pseudo labels") -> str:
     return ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif}}"
             "figure{margin:0 0 16px 0}img{max-width:100%}</style></head><body>\n"
-            f"<h1>{html.escape(title)}</h1><p>{len(order)} images, sorted by per-image mIoU "
+            + (f'<p style="color:#c00;font-weight:bold;font-size:1.3em">{html.escape(banner)}</p>\n' if banner else "")
+            + f"<h1>{html.escape(title)}</h1><p>{len(order)} images, sorted by per-image mIoU "
             "(pseudo label vs ground truth, 255 read as background), worst first.</p>\n"
             + "\n".join(rows) + "\n</body></html>\n")
 
@@ -105,7 +112,8 @@ class VizTask:
     gt: str | None = None
 
 
-def panel_one(task: VizTask, names: Sequence[str], tile_h: int) -> tuple[str, float | None, str | None]:
+def panel_one(task: VizTask, names: Sequence[str], tile_h: int,
+              banner: str = "") -> tuple[str, float | None, str | None]:
     """Worker: read what exists for one image, write its panel PNG. Returns (id, IoU or None, error)."""
     from .camfile import load_cams, upsample_cams
     from .datasets import read_mask
@@ -133,7 +141,7 @@ def panel_one(task: VizTask, names: Sequence[str], tile_h: int) -> tuple[str, fl
         if label is not None and gt is not None:
             v = mean_iou(confusion_matrix(np.where(label == IGNORE_INDEX, 0, label), gt, len(names) + 1))
             iou = None if math.isnan(v) else v
-        panel = make_panel(image, keys=keys, cams=cams, label=label, gt=gt, names=names, tile_h=tile_h)
+        panel = make_panel(image, keys=keys, cams=cams, label=label, gt=gt, names=names, tile_h=tile_h, banner=banner)
         ok, png = cv2.imencode(".png", np.ascontiguousarray(panel[..., ::-1]))
         if not ok:
             raise RuntimeError("OpenCV failed to encode the panel")
@@ -145,8 +153,9 @@ def panel_one(task: VizTask, names: Sequence[str], tile_h: int) -> tuple[str, fl
 
 def run_viz(dataset, ids: Sequence[str], out_dir: str | Path, *, cams_dir: str | Path | None = None,
             pseudo_dir: str | Path | None = None, tile_h: int = 192, n_jobs: int | None = None,
-            progress: bool = True) -> dict:
-    """Write ``<out_dir>/<id>.png`` panels and ``<out_dir>/index.html``; returns {done, failed, errors, index}."""
+            progress: bool = True, banner: str = "") -> dict:
+    """Write ``<out_dir>/<id>.png`` panels and ``<out_dir>/index.html``; returns {done, failed, errors, index}.
+    ``banner``: a warning printed on every panel and atop the page (the demo's random weights)."""
     from .io import write_errors
     from .pseudo import run_tasks
 
@@ -159,13 +168,13 @@ def run_viz(dataset, ids: Sequence[str], out_dir: str | Path, *, cams_dir: str |
                              str(Path(pseudo_dir) / f"{i}.png") if pseudo_dir else None,
                              None if gt is None else str(gt)))
     entries, errors = [], {}
-    for image_id, iou, err in run_tasks(panel_one, tasks, (list(dataset.classes.names), tile_h), n_jobs,
+    for image_id, iou, err in run_tasks(panel_one, tasks, (list(dataset.classes.names), tile_h, banner), n_jobs,
                                         desc="viz", progress=progress):
         if err:
             errors[image_id] = err
         else:
             entries.append({"id": image_id, "panel": f"{image_id}.png", "iou": iou})
     index = out_dir / "index.html"
-    write_bytes(index, gallery_html(entries, f"{dataset.name} pseudo labels").encode())
+    write_bytes(index, gallery_html(entries, f"{dataset.name} pseudo labels", banner).encode())
     write_errors(out_dir, errors)
     return {"done": len(entries), "failed": len(errors), "errors": errors, "index": str(index)}

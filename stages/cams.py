@@ -11,7 +11,7 @@ import sys
 from pipeline.clip import CheckpointError
 from pipeline.io import StaleOutputError
 from pipeline.stage_cams import CamsConfig, run_cams
-from stages.common import print_failures
+from stages.common import fail, print_failures
 from stages.pseudo import add_pseudo_args, pseudo_config
 
 
@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         s = run_cams(cfg)
-    except (StaleOutputError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (StaleOutputError, CheckpointError, OSError, ValueError, ImportError) as e:
+        return fail(e)
     rate = s.written / s.seconds if s.seconds else 0.0
     print(f"cams: {s.written} written, {s.skipped} already done, {s.failed} failed, "
-          f"{s.seconds:.1f} s ({rate:.2f} img/s) -> {cfg.out}")
+          f"{s.seconds:.1f} s ({rate:.2f} img/s) -> "
+          f"{' and '.join(str(d) for d in (cfg.out if cfg.keep_cams else None, cfg.pseudo_out) if d)}")
     print_failures(s.errors, cfg.pseudo_out or cfg.out)
     return 1 if s.failed else 0
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 from typing import Mapping
@@ -40,3 +41,21 @@ def print_failures(errors: Mapping[str, str], out_dir: str | Path, shown: int = 
         print(f"failed {image_id}: {msg}", file=sys.stderr)
     if errors:
         print(f"{len(errors)} image(s) failed; all messages in {Path(out_dir) / 'errors.json'}", file=sys.stderr)
+
+
+def fail(e: BaseException) -> int:
+    """Print ``e`` as one ``error:`` line (no traceback) and return exit status 2. OS errors (disk
+    full, a file where a folder should be, no permission) name the path and what to do."""
+    msg = str(e)
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        fix = {errno.ENOSPC: "free some space or choose another --out, then re-run "
+                             "(finished files are kept, the half-written one is not)",
+               errno.EDQUOT: "free some space or choose another --out, then re-run",
+               errno.EEXIST: "a file is in the way of an output folder; choose another --out",
+               errno.ENOTDIR: "a file is in the way of an output folder; choose another --out",
+               errno.EACCES: "choose a folder you can write to (--out)",
+               errno.EROFS: "choose another --out"}.get(e.errno, "")
+        msg = f"{where}{e.strerror.lower()}{f'; {fix}' if fix else ''}"
+    print(f"error: {msg}", file=sys.stderr)
+    return 2

@@ -25,6 +25,9 @@ BANNER = """
 """
 
 
+RANDOM_NOTE = "RANDOM WEIGHTS (no CLIP given): these maps and labels are meaningless"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     data = build_dataset("voc", out / "VOC2012")
     ids = data.ids(str(split))
     labels = run_pseudo(data, ids, cams, pseudo, PseudoConfig(require_gt=False), overwrite=True, progress=False)
-    pictures = run_viz(data, ids, viz, cams_dir=cams, pseudo_dir=pseudo, progress=False)
+    pictures = run_viz(data, ids, viz, cams_dir=cams, pseudo_dir=pseudo, progress=False,
+                       banner="" if a.clip else RANDOM_NOTE)
     print(f"demo: {summary.written} CAM files in {cams}, {labels['done']} pseudo labels in {pseudo}, "
           f"panels in {pictures['index']} ({summary.failed + labels['failed'] + pictures['failed']} failed)")
     if a.clip is None:

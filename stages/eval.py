@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.common import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs, print_failures
+from stages.common import DEFAULT_SPLIT, add_dataset_args, fail, open_dataset, outputs, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,22 +31,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bg", default="power", choices=("power", "const"), help="background: (1 - max)^tau or constant tau")
     p.add_argument("--taus", default=None, help="comma-separated values to sweep instead of the default set")
     p.add_argument("--out", default=None, help="report folder (default outputs/<dataset>/eval/<what>_<split>)")
+    p.add_argument("--overwrite", action="store_true", help="replace tables made with other options or inputs")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline import metrics as M
-    from pipeline.io import write_errors, write_json, write_manifest
+    from pipeline.io import StaleOutputError, check_manifest, write_errors, write_json, write_manifest
 
     try:
         ds, ids = open_dataset(args)
         split = Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         out = Path(args.out) if args.out else outputs(args.dataset, "eval") / f"{args.what}_{split}"
         names = ["background", *ds.classes.names]
+        args.cams = str(Path(args.cams or outputs(args.dataset, "cams")).resolve())
+        args.pseudo = str(Path(args.pseudo or outputs(args.dataset, "pseudo")).resolve())
+        args.root = str(Path(args.root).resolve())
+        config = {"stage": "eval", **{k: v for k, v in vars(args).items()
+                                      if k not in ("jobs", "no_progress", "out", "overwrite")}}
+        check_manifest(out, config, args.overwrite, outputs="per_class.*")
         if args.what == "cams":
             taus = [float(t) for t in args.taus.split(",")] if args.taus else None
-            res = M.evaluate_cams(ds, ids, args.cams or outputs(args.dataset, "cams"), taus=taus, bg=args.bg,
+            res = M.evaluate_cams(ds, ids, args.cams, taus=taus, bg=args.bg,
                                   cam_key=args.cam_key, n_jobs=args.jobs, progress=not args.no_progress)
             rows = M.per_class_rows(res["conf"], names)
             summary = {"what": "cams", "split": split, "images": res["evaluated"], "failed": res["failed"],
@@ -56,7 +63,7 @@ def main(argv=None) -> int:
                        "oracle": "best_tau is chosen on the evaluated ground truth (oracle choice)"}
             title = f"{args.dataset} {split}: CAM seeds, best tau {res['best_tau']} (oracle)"
         else:
-            res = M.evaluate_pseudo(ds, ids, args.pseudo or outputs(args.dataset, "pseudo"), n_jobs=args.jobs,
+            res = M.evaluate_pseudo(ds, ids, args.pseudo, n_jobs=args.jobs,
                                     progress=not args.no_progress)
             rows = M.per_class_rows(res["conf"], names)
             bg_iou = M.class_metrics(res["conf_bg255"])["iou"]
@@ -66,14 +73,13 @@ def main(argv=None) -> int:
                        "miou_confident": 100 * res["miou_confident"], "coverage": 100 * res["coverage"],
                        "miou_bg255": 100 * res["miou_bg255"], "accuracy_confident": 100 * res["accuracy_confident"]}
             title = f"{args.dataset} {split}: pseudo labels"
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-    M.write_tables(out, "per_class", rows, summary, title)
-    write_json(out / "summary.json", summary)
-    write_errors(out, res["errors"])
-    write_manifest(out, {"stage": "eval", **{k: v for k, v in vars(args).items() if k not in ("jobs", "no_progress")}})
+        summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+        M.write_tables(out, "per_class", rows, summary, title)
+        write_json(out / "summary.json", summary)
+        write_errors(out, res["errors"])
+        write_manifest(out, config)
+    except (ValueError, OSError, StaleOutputError) as e:
+        return fail(e)
     print(title)
     print(M.format_table(rows))
     for k, v in summary.items():

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from stages.predict import add_infer_args, infer_overrides
-from stages.common import add_dataset_args, print_failures
+from stages.common import add_dataset_args, fail, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -21,7 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataset_args(p)
     add_infer_args(p)
-    p.add_argument("--out", default=None, help="report folder (default outputs/<dataset>/eval/model_<split>)")
+    p.add_argument("--out", default=None,
+                   help="report folder (default outputs/<dataset>/eval/model_<run>-<checkpoint>_<split>)")
+    p.add_argument("--overwrite", action="store_true", help="replace tables made with another checkpoint or settings")
     p.add_argument("--save-predictions", action="store_true", help="also write label PNGs to <out>/predictions")
     return p.parse_args(argv)
 
@@ -29,33 +31,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline import metrics as M
+    from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip import CheckpointError
     from pipeline.infer import evaluate_model
-    from pipeline.io import write_errors, write_json, write_manifest
-    from stages.common import open_dataset
+    from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_json, write_manifest
+    from stages.common import DEFAULT_SPLIT, open_dataset
 
     try:
         ds, ids = open_dataset(args)
-        split = Path(args.split).stem if args.split else "default"
-        out = Path(args.out) if args.out else Path("outputs") / args.dataset / "eval" / f"model_{split}"
-        res = evaluate_model(args.checkpoint, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
+        split = Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
+        ckpt_file = ckpt_io.resolve(args.checkpoint)
+        out = Path(args.out) if args.out else (Path("outputs") / args.dataset / "eval"
+                                               / f"model_{ckpt_io.label(ckpt_file)}_{split}")
+        res = evaluate_model(ckpt_file, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
                              infer=infer_overrides(args), device=args.device, clip=args.clip,
                              progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
-    summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
-               "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],
-               "scales": list(res["infer"]["scales"]), "flip": res["infer"]["flip"], "crf": res["infer"]["crf"]}
-    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-    title = f"{args.dataset} {split}: segmentation model"
-    M.write_tables(out, "per_class", rows, summary, title)
-    write_json(out / "summary.json", summary)
-    write_errors(out, res["errors"])
-    write_manifest(out, {"stage": "evaluate_model", "checkpoint": res["checkpoint"], "infer": res["infer"],
-                         "split": split})
+        config = {"stage": "evaluate_model", "checkpoint_sha256": sha256_file(ckpt_file), "infer": res["infer"],
+                  "root": str(Path(args.root).resolve()), "split": args.split}
+        check_manifest(out, config, args.overwrite, outputs="per_class.*")
+        rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
+        summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
+                   "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],
+                   "scales": list(res["infer"]["scales"]), "flip": res["infer"]["flip"], "crf": res["infer"]["crf"]}
+        summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+        title = f"{args.dataset} {split}: segmentation model"
+        M.write_tables(out, "per_class", rows, summary, title)
+        write_json(out / "summary.json", summary)
+        write_errors(out, res["errors"])
+        write_manifest(out, config, checkpoint=str(ckpt_file))
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch, StaleOutputError) as e:
+        return fail(e)
     print(title)
     print(M.format_table(rows))
     print(f"mIoU: {summary['miou'] if summary['miou'] is None else round(summary['miou'], 2)}  "

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.common import DEFAULT_SPLIT, add_dataset_args, open_dataset, outputs
+from stages.common import DEFAULT_SPLIT, add_dataset_args, fail, open_dataset, outputs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,9 +40,8 @@ def main(argv=None) -> int:
         pseudo = Path(args.pseudo) if args.pseudo else outputs(args.dataset, "pseudo")
         out = Path(args.out) if args.out else pseudo.resolve().parent / "mmseg"
         written = export(ds, ids, val_ids, pseudo, out, args.crop, args.model_config)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return fail(e)
     split = args.split or DEFAULT_SPLIT[args.dataset]
     print(f"mmseg dataset for {len(ids)} training ({split}) and {len(val_ids)} validation images:")
     for k, v in written.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.classes import ClassList
 from pipeline.datasets import FolderDataset
-from stages.common import add_dataset_args, open_dataset, print_failures
+from stages.common import DEFAULT_SPLIT, add_dataset_args, fail, open_dataset, print_failures
 
 
 def add_infer_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-overlays", action="store_true", help="no overlay pictures next to the label PNGs")
     add_infer_args(p)
     p.add_argument("--format", choices=FORMATS, default="palette")
-    p.add_argument("--out", default=None, help="output folder (default outputs/<dataset>/predict/<split>)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/<dataset or images>/predict/"
+                   "<run>-<checkpoint>/<split or image folder name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions made with another checkpoint or settings")
     args = p.parse_args(argv)
     if bool(args.images) == bool(args.dataset or args.root):
         p.error("give either --images DIR or --dataset and --root")
@@ -67,10 +69,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip import CheckpointError
     from pipeline.infer import InferConfig, load_model, predict_split
-    from pipeline.io import write_errors, write_manifest
+    from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_manifest
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -87,16 +90,21 @@ def main(argv=None) -> int:
                                      f"has {ds.classes.num_classes + 1}")
         cfg = InferConfig.from_dict({**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"),
                                      **infer_overrides(args)})
-        split = Path(args.split).stem if args.split else "default"
-        out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / split
+        ckpt_file = ckpt_io.resolve(args.checkpoint)
+        source = Path(args.images).resolve().name if args.images else Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
+        out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / ckpt_io.label(ckpt_file) / source
+        config = {"stage": "predict", "checkpoint_sha256": sha256_file(ckpt_file), "infer": cfg.as_dict(),
+                  "format": args.format, "images": str(Path(args.images).resolve()) if args.images else None,
+                  "root": str(Path(args.root).resolve()) if args.root else None, "split": args.split}
+        check_manifest(out, config, args.overwrite, outputs="**/*.png")
+        write_manifest(out, config, status="running", checkpoint=str(ckpt_file))
         res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
                             overlay_dir=None if args.no_overlays else out / "overlay")
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write_errors(out, res["errors"])
-    write_manifest(out, {"stage": "predict", "checkpoint": str(args.checkpoint), "infer": cfg.as_dict(),
-                         "format": args.format}, summary={k: v for k, v in res.items() if k not in ("conf", "errors")})
+        write_errors(out, res["errors"])
+        write_manifest(out, config, status="failed" if res["errors"] else "complete", checkpoint=str(ckpt_file),
+                       summary={k: v for k, v in res.items() if k not in ("conf", "errors")})
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch, StaleOutputError) as e:
+        return fail(e)
     print(f"{res['done']}/{res['total']} label PNGs in {out} ({res['images_per_s']} img/s)")
     print_failures(res["errors"], out)
     return 1 if res["errors"] else 0

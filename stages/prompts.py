@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stages.common import fail
+
 from pipeline.classes import ClassList
 from pipeline.clip import CheckpointError
 from pipeline.prompts import PromptsConfig, propose_background, run_prompts
@@ -50,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                         device=a.device, precision=a.precision, progress=not a.no_progress)
     try:
         ranking, errors = run_prompts(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, OSError, ValueError, ImportError) as e:
+        return fail(e)
     print((cfg.out + "/ranking.md:"))
     for row in ranking.rows()[:10]:
-        miou = "" if row["init_cam_miou"] is None else f"  initial-CAM mIoU {100 * row['init_cam_miou']:.2f}"
+        miou = "" if row["init_cam_miou_pct"] is None else f"  initial-CAM mIoU {row['init_cam_miou_pct']:.2f}%"
         print(f"  {row['rank']:3d}. {row['template']:<40s} sharpness {row['sharpness']:.5f}{miou}")
     if errors:
         print(f"{len(errors)} image(s) skipped; see {cfg.out}/errors.json", file=sys.stderr)

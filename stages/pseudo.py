@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from stages.common import add_dataset_args, open_dataset, outputs, print_failures
+from stages.common import add_dataset_args, fail, open_dataset, outputs, print_failures
 
 def add_pseudo_args(p: argparse.ArgumentParser) -> None:
     """Flags of the labelling itself (shared with `stages.cams --pseudo-out`)."""
@@ -70,9 +70,8 @@ def main(argv=None) -> int:
         ds, ids = open_dataset(args)
         res = run_pseudo(ds, ids, args.cams or outputs(args.dataset, "cams"), args.out or outputs(args.dataset, "pseudo"),
                          cfg, n_jobs=args.jobs, overwrite=args.overwrite, progress=not args.no_progress)
-    except (StaleOutputError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (StaleOutputError, ValueError, OSError) as e:
+        return fail(e)
     errors = res.pop("errors")
     print(json.dumps(res, indent=2))
     print_failures(errors, Path(res["out"]))

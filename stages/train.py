@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from stages.common import fail
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
@@ -24,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a config key, e.g. --set schedule.iters=1000 (repeatable)")
     p.add_argument("--root", help="= --set data.root=...")
     p.add_argument("--dataset", help="= --set data.dataset=...")
+    p.add_argument("--split", help="training split: shipped name or id-list path (= --set data.split=...)")
+    p.add_argument("--val-split", help="validation split, 'none' for no validation (= --set data.val_split=...)")
     p.add_argument("--pseudo", help="pseudo-label folder (= --set data.pseudo=...)")
     p.add_argument("--clip", help="CLIP checkpoint for weclip (= --set model.clip=...)")
     p.add_argument("--gt", action="store_true", help="fully supervised: train on ground-truth masks")
@@ -44,17 +48,20 @@ def main(argv=None) -> int:
 
     shortcuts = [f"data.root={args.root}" if args.root else "", f"data.dataset={args.dataset}" if args.dataset else "",
                  f"data.pseudo={args.pseudo}" if args.pseudo else "", f"model.clip={args.clip}" if args.clip else "",
-                 "data.supervision=gt" if args.gt else ""]
+                 "data.supervision=gt" if args.gt else "", f"data.split={args.split}" if args.split else "",
+                 ("data.val_split=null" if args.val_split.lower() == "none" else f"data.val_split={args.val_split}")
+                 if args.val_split else ""]
     try:
         cfg = load_config(args.config, [s for s in shortcuts if s] + args.overrides)
         out = Path(args.out) if args.out else Path("outputs") / cfg["data"]["dataset"] / "train" / Path(args.config).stem
         res = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
                     tensorboard=not args.no_tensorboard)
-    except (ValueError, FileNotFoundError, CheckpointError, CheckpointMismatch, SampleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError, FloatingPointError) as e:
+        return fail(e)
     if dist_env()[0] == 0:
-        print(json.dumps({**res, "out": str(out)}, indent=2))
+        miou = res.pop("val_miou")  # a fraction in the library; percent (0-100) in every file and on screen
+        print(json.dumps({**res, "val_miou_pct": None if miou is None else round(100 * miou, 4), "out": str(out)},
+                         indent=2))
     return 0
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.common import add_dataset_args, open_dataset, outputs, print_failures
+from stages.common import add_dataset_args, fail, open_dataset, outputs, print_failures
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,9 +35,8 @@ def main(argv=None) -> int:
         res = run_viz(ds, ids[: args.limit] if args.limit else ids, args.out or outputs(args.dataset, "viz"),
                       cams_dir=pick(args.cams, "cams"), pseudo_dir=pick(args.pseudo, "pseudo"),
                       tile_h=args.tile_height, n_jobs=args.jobs, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:
+        return fail(e)
     print(f"viz: {res['done']} panels, {res['failed']} failed -> {res['index']}")
     print_failures(res["errors"], Path(res["index"]).parent)
     return 1 if res["failed"] else 0

@@ -1,0 +1,49 @@
+"""Worker processes that never outlive the stage that started them.
+
+A killed stage (SIGKILL, OOM killer) cannot shut its pool down; without this its CRF workers would
+keep labelling and writing files for minutes. On Linux the kernel kills each worker when its parent
+dies (``PR_SET_PDEATHSIG``); elsewhere a watchdog thread exits once the parent is gone.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1
+_armed = False
+
+
+def die_with_parent() -> None:
+    """Make this process exit when its parent does (idempotent; call in each worker)."""
+    global _armed
+    if _armed:
+        return
+    _armed = True
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_watch, args=(parent,), daemon=True, name="die-with-parent").start()
+
+
+def _watch(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def worker_init() -> None:
+    """Initializer of the CRF worker processes: one OpenCV thread each (a worker handles one image;
+    OpenCV's own pool would only oversubscribe the cores) and death with the parent."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    die_with_parent()
