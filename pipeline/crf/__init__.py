@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .classes import IGNORE_INDEX
+from ..classes import IGNORE_INDEX
 
 # deeplab-pytorch's BGR mean, subtracted from the guide image by the reference (SPEC 5.3 step 1).
 BGR_MEAN = (104.008, 116.669, 122.675)
