@@ -55,19 +55,23 @@ class Lattice:
         for s in range(0, P, SPLAT_CHUNK):
             part = (w[s:s + SPLAT_CHUNK, :, None] * values[s:s + SPLAT_CHUNK, None, :]).reshape(-1, C)
             table.index_add_(0, self.offsets[s:s + SPLAT_CHUNK].reshape(-1), part)
-        for j in range(d + 1):
-            table = table + 0.5 * (table[self.blur[j, 0]] + table[self.blur[j, 1]])
-        alpha = torch.tensor(1 / (1 + 2.0 ** -d), dtype=torch.float32).to(dtype)
+        new, other = torch.empty_like(table), torch.empty_like(table)
+        for j in range(d + 1):  # new = old + 0.5 * (n1 + n2), in that rounding order
+            torch.index_select(table, 0, self.blur[j, 0], out=new)
+            new += torch.index_select(table, 0, self.blur[j, 1], out=other)
+            new *= 0.5
+            new += table
+            table, new = new, table
+        alpha = float(torch.tensor(1 / (1 + 2.0 ** -d), dtype=torch.float32))
+        out, gathered = values.new_zeros(P, C), values.new_empty(P, C)
         # pydensecrf slices 1-2 channels as (w * v) * alpha and more (its SSE path) as (w * alpha) * v
-        if C > 2:
-            wa = w * alpha
-            out = wa[:, 0:1] * table[self.offsets[:, 0]]
-            for j in range(1, d + 1):
-                out += wa[:, j:j + 1] * table[self.offsets[:, j]]
-        else:
-            out = w[:, 0:1] * table[self.offsets[:, 0]] * alpha
-            for j in range(1, d + 1):
-                out += w[:, j:j + 1] * table[self.offsets[:, j]] * alpha
+        wa = w * torch.tensor(alpha, dtype=torch.float32).to(dtype) if C > 2 else w
+        for j in range(d + 1):
+            torch.index_select(table, 0, self.offsets[:, j], out=gathered)
+            gathered *= wa[:, j:j + 1]
+            if C <= 2:
+                gathered *= alpha
+            out += gathered
         return out
 
 
@@ -132,13 +136,12 @@ def build(features: torch.Tensor, groups: torch.Tensor | None = None) -> Lattice
     P, d = f.shape
     d1 = d + 1
     rem0, rank, bary = simplex(elevate(f))
-    # Vertex r of a point: rem0 + r on coordinates whose rank <= d - r, rem0 + r - (d+1) on the others.
-    # Only the first d coordinates are keys (the last follows from the plane).
-    r = torch.arange(d1, device=f.device).view(1, d1, 1)
-    keys = rem0[:, None, :d] + r - d1 * (rank[:, None, :d] > d - r).long()          # (P, d+1, d)
-    # Pack each key into one int64 (mixed radix with a margin of d+1 for the blur neighbours).
-    lo = keys.amin(dim=(0, 1)) - d1
-    radix = keys.amax(dim=(0, 1)) - lo + d1 + 1
+    # Vertex r of a point: key_i = rem0_i + r on coordinates whose rank <= d - r, rem0_i + r - (d+1) on the
+    # others; only the first d coordinates are keys (the last follows from the plane). Keys are packed into
+    # one int64 (mixed radix, margins for the +-d of the vertices and of the blur neighbours), built as
+    # base + r * sum(stride) - (d+1) * sum_i stride_i [rank_i > d - r] without a (P, d+1, d) array.
+    lo = rem0[:, :d].amin(0) - 2 * d1
+    radix = rem0[:, :d].amax(0) - lo + 2 * d1 + 1
     strides = [1]
     for n in radix.tolist()[:-1]:
         strides.append(strides[-1] * n)
@@ -148,9 +151,14 @@ def build(features: torch.Tensor, groups: torch.Tensor | None = None) -> Lattice
         raise ValueError("features span too large a lattice to index; scale the features down "
                          "(larger sxy/srgb) or filter fewer images at once")
     stride = torch.tensor(strides, dtype=torch.long, device=f.device)
-    packed = ((keys - lo) * stride).sum(-1)                                        # (P, d+1)
+    base = ((rem0[:, :d] - lo) * stride).sum(1)
     if groups is not None:
-        packed = packed + groups.to(f.device, torch.long).view(P, 1) * span
+        base += groups.to(f.device, torch.long) * span
+    # coordinate i moves down by d+1 from vertex r = d - rank_i + 1 on: scatter its stride there, then cumsum
+    drop = torch.zeros(P, d1 + 1, dtype=torch.long, device=f.device)
+    drop.scatter_add_(1, d - rank[:, :d] + 1, stride.expand(P, d))
+    r = torch.arange(d1, device=f.device)
+    packed = base[:, None] + r * stride.sum() - d1 * drop.cumsum(1)[:, :d1]              # (P, d+1)
     table, inverse = torch.unique(packed.reshape(-1), sorted=True, return_inverse=True)
     M = table.numel()
     # Neighbours along direction j: every key coordinate -1 and coordinate j + d (j < d), or all -1 (j = d).

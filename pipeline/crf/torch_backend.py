@@ -59,7 +59,14 @@ def dense_crf(unary: torch.Tensor, guide: torch.Tensor, params) -> torch.Tensor:
     guide: (B, H, W, 3) uint8 bilateral guide image (channel order as given);
     params: ``CRFParams`` (iters, pos_xy, pos_w, bi_xy, bi_rgb, bi_w). Returns Q (B, C, H, W) in U's dtype.
     """
+    if unary.ndim != 4 or unary.shape[1] < 1 or not unary.is_floating_point():
+        raise ValueError(f"unary must be floating point (B, C, H, W) with C >= 1 labels, got {unary.dtype} "
+                         f"{tuple(unary.shape)} (at least one label is needed)")
     B, C, H, W = unary.shape
+    if guide.dtype != torch.uint8 or tuple(guide.shape) != (B, H, W, 3):
+        raise ValueError(f"guide must be uint8 {(B, H, W, 3)} to match the unary, got {guide.dtype} {tuple(guide.shape)}")
+    if not torch.isfinite(unary).all():
+        raise ValueError("unary energies contain NaN or Inf")
     guide = guide.to(unary.device)
     groups = torch.arange(B, device=unary.device).repeat_interleave(H * W)
     u = unary.permute(0, 2, 3, 1).reshape(B * H * W, C)
