@@ -198,8 +198,8 @@ def dense_crf(unary: np.ndarray, guide: np.ndarray, params: CRFParams = CRFParam
 
     from .torch_backend import dense_crf as run
 
-    u = torch.from_numpy(np.ascontiguousarray(unary, np.float32)).to(device or "cpu").view(1, C, H, W)
-    q = run(u, torch.from_numpy(np.ascontiguousarray(guide))[None], params)
+    u = torch.from_numpy(np.require(unary, np.float32, ["C", "W"])).to(device or "cpu").view(1, C, H, W)
+    q = run(u, torch.from_numpy(np.require(guide, np.uint8, ["C", "W"]))[None], params)
     return q[0].cpu().numpy()
 
 
