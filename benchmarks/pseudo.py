@@ -8,11 +8,17 @@ OpenCV write) and the pixel agreement of the two; (3) CRF label quality with the
 wrapped guide image vs the plain image (SPEC 10.8), with and without the 0.95 confidence mask.
 Worker pools are warmed up first (pool start-up is printed apart); timed runs alternate between worker
 counts and the best of --repeat is reported, as other load on a shared machine would otherwise decide.
+Then (4) the dense CRF backends side by side on the same images (``crf_speed``): pydensecrf in one process
+and on all cores, the torch backend on the CPU and, when CUDA is available, on the GPU one image at a time
+and batched: images/s and peak memory, for VOC-sized images with 3 labels and 640x480 with 81; and (5) the
+agreement of the torch backend with pydensecrf (``crf_agreement``) on scenes with 2-21 labels.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +27,7 @@ import cv2
 import numpy as np
 
 from pipeline import crf, metrics, synthetic
+from pipeline.crf import torch_backend
 from pipeline.camfile import load_cams, upsample_cams
 from pipeline.datasets import build_dataset, read_mask
 from pipeline.image import load_rgb
@@ -85,6 +92,121 @@ def guide_quality(root: Path, ids: list[str], conf: float = 0.95) -> list[dict]:
     return rows
 
 
+def crf_inputs(n: int, size: tuple[int, int], labels: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` synthetic scenes as CLIP-ES feeds the CRF: (unary (C, H*W) float32 from fp16, wrapped guide).
+    ``labels`` = C, background included."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img, keys, cams = synthetic.scene_with_cams(rng, size, labels - 1, num_classes=max(20, labels - 1))
+        probs = crf.background_probs(upsample_cams(cams, size))
+        out.append((crf.unary_energy(probs), crf.wrapped_guide(img)))
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _one_pydensecrf(x):
+    return crf.dense_crf(x[0], x[1], backend="pydensecrf").shape
+
+
+def _speed_run(method: str, n: int, size: tuple[int, int], labels: int, batch: int, jobs: int) -> dict:
+    """In a fresh process: build the inputs, time ``method`` on them. Returns images/s and memory (MB)."""
+    import torch
+
+    inputs = crf_inputs(n, size, labels)
+    base = _rss_mb()
+    params = crf.CRFParams()
+    t0 = time.perf_counter()
+    peak_gpu = None
+    if method == "pydensecrf":
+        for u, g in inputs:
+            crf.dense_crf(u, g, params, backend="pydensecrf")
+    elif method == "pydensecrf-parallel":
+        from joblib import Parallel, delayed
+
+        from benchmarks.pseudo import _one_pydensecrf as one  # by module name: workers cannot import __main__
+
+        Parallel(n_jobs=jobs, batch_size=1)(delayed(one)(x) for x in inputs[:jobs])  # start the pool untimed
+        t0 = time.perf_counter()
+        Parallel(n_jobs=jobs, batch_size=1)(delayed(one)(x) for x in inputs)
+    elif method == "torch-cpu":  # one thread: one image per core, like pydensecrf's processes
+        torch.set_num_threads(1)
+        for u, g in inputs:
+            crf.dense_crf(u, g, params, backend="torch")
+    elif method == "torch-cuda":
+        dev = torch.device("cuda")
+        C, (H, W) = labels, size
+        us = [torch.from_numpy(u).view(C, H, W) for u, _ in inputs]
+        gs = [torch.from_numpy(g) for _, g in inputs]
+        torch_backend.dense_crf(us[0][None].to(dev), gs[0][None].to(dev), params)  # CUDA context and kernels
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            q = torch_backend.dense_crf(torch.stack(us[i:i + batch]).to(dev), torch.stack(gs[i:i + batch]).to(dev),
+                                        params)
+            q.argmax(1).cpu()
+        torch.cuda.synchronize()
+        peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 20
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"images_per_s": n / seconds, "rss_peak_mb": max(peak, child), "rss_before_mb": base,
+            "gpu_peak_mb": peak_gpu}
+
+
+def crf_speed(n: int, scenarios: list[tuple[tuple[int, int], int]], jobs: int, batch: int) -> list[dict]:
+    """Every backend on the same ``n`` images per scenario ((H, W), labels), each method in a fresh process
+    (so its peak memory is its own)."""
+    import torch
+
+    methods = [("pydensecrf", 1), ("pydensecrf-parallel", 1), ("torch-cpu", 1)]
+    if torch.cuda.is_available():
+        methods += [("torch-cuda", 1), ("torch-cuda", batch)]
+    if not crf.pydensecrf_available():
+        methods = [m for m in methods if not m[0].startswith("pydensecrf")]
+    rows = []
+    ctx = multiprocessing.get_context("spawn")
+    for size, labels in scenarios:
+        for method, b in methods:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                r = pool.submit(_speed_run, method, n, size, labels, b, jobs).result()
+            name = {"pydensecrf": "pydensecrf, 1 process", "pydensecrf-parallel": f"pydensecrf, {jobs} processes",
+                    "torch-cpu": "torch CPU, 1 thread"}.get(method, f"torch CUDA, batch {b}")
+            rows.append({"size": f"{size[0]}x{size[1]}", "labels": labels, "backend": name,
+                         "img_per_s": r["images_per_s"], "peak_rss_mb": r["rss_peak_mb"],
+                         "rss_before_mb": r["rss_before_mb"],
+                         "gpu_peak_mb": r["gpu_peak_mb"] if r["gpu_peak_mb"] is not None else float("nan")})
+    return rows
+
+
+def crf_agreement(n: int, size: tuple[int, int], preset: str, seed: int = 1) -> dict:
+    """torch vs pydensecrf on ``n`` scenes with 2..21 labels (spread evenly) under ``preset``: pooled and
+    worst-image agreement of the argmax and of the 0.95-confidence mask, in %."""
+    pre = crf.PRESETS[preset]
+    rng = np.random.default_rng(seed)
+    arg, mask, pixels, worst_arg, worst_mask = 0, 0, 0, 100.0, 100.0
+    for i in range(n):
+        labels = 2 + round(i * 19 / max(n - 1, 1))
+        img, keys, cams = synthetic.scene_with_cams(rng, size, labels - 1)
+        probs = crf.background_probs(upsample_cams(cams, size))
+        u, g = crf.unary_energy(probs), crf.guide_image(img, pre.guide)
+        q_ref = crf.dense_crf(u, g, pre.params, backend="pydensecrf")
+        q = crf.dense_crf(u, g, pre.params, backend="torch")
+        a = int((q.argmax(0) == q_ref.argmax(0)).sum())
+        m = int(((q.max(0) >= 0.95) == (q_ref.max(0) >= 0.95)).sum())
+        arg, mask, pixels = arg + a, mask + m, pixels + q[0].size
+        worst_arg, worst_mask = min(worst_arg, 100 * a / q[0].size), min(worst_mask, 100 * m / q[0].size)
+    return {"preset": preset, "images": n, "argmax_pooled": 100 * arg / pixels, "argmax_worst": worst_arg,
+            "mask_pooled": 100 * mask / pixels, "mask_worst": worst_mask}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pseudo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,9 +216,30 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per worker count (best is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="keep the synthetic data here (default: a temp folder)")
+    p.add_argument("--crf-n", type=int, default=4, help="images per scenario in the CRF backend comparison")
+    p.add_argument("--crf-sizes", default="375x500:3,480x640:81", help="CRF comparison scenarios HxW:labels")
+    p.add_argument("--crf-batch", type=int, default=8, help="images per batch for the batched GPU run")
+    p.add_argument("--agreement", type=int, default=6, help="scenes per preset for the torch/pydensecrf agreement")
+    p.add_argument("--only-crf", action="store_true", help="skip (1)-(3): only the CRF backend sections")
     a = p.parse_args(argv)
     H, W = (int(v) for v in a.size.lower().split("x"))
     jobs = [int(j) for j in a.jobs.split(",")]
+    if not a.only_crf:
+        pseudo_stage_sections(a, H, W, jobs)
+    cores = max(jobs)
+    scenarios = [((int(hw.split("x")[0]), int(hw.split("x")[1])), int(lab))
+                 for hw, lab in (item.split(":") for item in a.crf_sizes.split(","))]
+    print(f"\ndense CRF backends, same {a.crf_n} images per row (CLIP-ES preset, wrapped guide, fp16 unary); "
+          "peak RSS includes the inputs and the Python process")
+    print(metrics.format_table(crf_speed(a.crf_n, scenarios, cores, a.crf_batch)))
+    if a.agreement and crf.pydensecrf_available():
+        print(f"\nagreement of the torch backend with pydensecrf, {H}x{W} scenes with 2-21 labels (%)")
+        print(metrics.format_table([crf_agreement(a.agreement, (H, W), name) for name in ("clipes", "weclip")]))
+    return 0
+
+
+def pseudo_stage_sections(a, H: int, W: int, jobs: list[int]) -> None:
+    """Sections (1)-(3): the pseudo stage's throughput, its cost over a plain loop, and the guide image."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.dir or tmp)
         ids = synthetic.make_scenes(root, a.n, (H, W), a.seed)
@@ -137,7 +280,6 @@ def main(argv=None) -> int:
 
         print("\nguide image (SPEC 5.3 step 1 / 10.8): wrapped = reference uint8 wrap-around, plain = image")
         print(metrics.format_table(guide_quality(root, ids)))
-    return 0
 
 
 if __name__ == "__main__":

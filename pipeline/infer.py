@@ -3,12 +3,14 @@ palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` 
 
 Per image: optional resize of the long side (WeCLIP: 512), then for each scale s the logits of the
 image and of its mirror (flipped back) are averaged, resized to the image size, averaged over scales,
-softmaxed; the CRF (when on) refines these probabilities with the plain RGB image as guide.
+softmaxed; the CRF (when on) refines these probabilities with the guide image and parameters of its
+preset (default by model family: WeCLIP's for weclip models, deeplab-pytorch's for DeepLab).
 """
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,7 +22,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .classes import IGNORE_INDEX
-from .crf import CRFParams, dense_crf, plain_guide, unary_energy
+from .crf import BACKENDS, DEFAULT_MAX_PIXELS, CRFParams, crf_scores, preset, resolve_backend, scores_argmax
 from .image import load_rgb
 from .io import write_bytes
 from .labelio import FORMATS, write_label
@@ -32,7 +34,9 @@ from .viz import overlay
 class InferConfig:
     """scales: relative to the (resized) image; long_side: resize the long side to this first (None: keep);
     window/stride: sliding-window tile and step in pixels when a side exceeds ``window`` (None: whole image);
-    crf: dense CRF on the softmax (SPEC 5.4 deeplab-pytorch parameters by default)."""
+    crf: dense CRF on the softmax with ``crf_preset`` (None: by model family, see ``crf_preset_for``),
+    ``crf_params`` overriding the preset's numbers, on ``crf_backend`` ('auto' | 'torch' | 'pydensecrf'),
+    images above ``crf_max_pixels`` through a scaled-down CRF (``crf.crf_scores``)."""
 
     scales: tuple[float, ...] = (1.0, 0.75)
     flip: bool = True
@@ -40,21 +44,51 @@ class InferConfig:
     window: int | None = None
     stride: int | None = None
     crf: bool = False
-    crf_params: CRFParams = field(default_factory=CRFParams)
+    crf_preset: str | None = None
+    crf_params: CRFParams | None = None
+    crf_backend: str = "auto"
+    crf_max_pixels: int | None = DEFAULT_MAX_PIXELS
     normalize: str = "imagenet"
     batch_tiles: int = 4
 
+    def __post_init__(self) -> None:
+        if self.crf_preset is not None:
+            preset(self.crf_preset)
+        if self.crf_backend not in BACKENDS:
+            raise ValueError(f"crf_backend must be one of {BACKENDS}, got {self.crf_backend!r}")
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "InferConfig":
+    def from_dict(cls, d: dict[str, Any] | None, model: str | None = None) -> "InferConfig":
+        """From a checkpoint's ``infer`` section and overrides; ``model`` (its model name) picks the default
+        CRF preset."""
         d = dict(d or {})
         if "crf_params" in d and isinstance(d["crf_params"], dict):
             d["crf_params"] = CRFParams(**d["crf_params"])
         if "scales" in d:
             d["scales"] = tuple(float(s) for s in d["scales"])
+        if d.get("crf_preset") is None and model:
+            d["crf_preset"] = crf_preset_for(model)
         return cls(**d)
+
+    def crf_setup(self) -> tuple[CRFParams, str]:
+        """(parameters, guide) of the CRF: the preset's, with ``crf_params`` overriding its numbers."""
+        pre = preset(self.crf_preset or "deeplab")
+        return self.crf_params or pre.params, pre.guide
+
+    def resolved(self, device) -> "InferConfig":
+        """'auto' replaced by the CRF backend that runs on ``device`` (recorded in manifests)."""
+        if not self.crf:
+            return self
+        note = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        return replace(self, crf_backend=resolve_backend(self.crf_backend, device, log=note))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def crf_preset_for(model: str) -> str:
+    """The CRF preset of a model family: WeCLIP's for weclip models, deeplab-pytorch's otherwise."""
+    return "weclip" if model.startswith("weclip") else "deeplab"
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -111,9 +145,12 @@ def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Ten
     return total / len(cfg.scales)
 
 
-def crf_refine(image_rgb: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
-    """RGB uint8 (H, W, 3), softmax probabilities float (C, H, W) -> CRF marginals float32 (C, H, W)."""
-    return dense_crf(unary_energy(probs.astype(np.float32)), plain_guide(image_rgb), params)
+def crf_refine(image_rgb: np.ndarray, probs: np.ndarray, params: CRFParams, guide: str = "wrapped",
+               backend: str = "auto", device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 (H, W, 3), softmax probabilities float (C, H, W) -> CRF marginals float32 (C, h, w)
+    ((h, w) = (H, W) unless capped by ``max_pixels``; ``crf.scores_argmax`` upsamples)."""
+    return crf_scores(image_rgb, probs.astype(np.float32), params, guide=guide, backend=backend, device=device,
+                      max_pixels=max_pixels)
 
 
 def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, device: torch.device) -> np.ndarray:
@@ -122,7 +159,9 @@ def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, dev
     logits = msc_logits(model, x, cfg)[0]
     if cfg.crf:
         probs = torch.softmax(logits, dim=0).cpu().numpy()
-        return np.argmax(crf_refine(image_rgb, probs, cfg.crf_params), axis=0).astype(np.uint8)
+        params, guide = cfg.crf_setup()
+        q = crf_refine(image_rgb, probs, params, guide, cfg.crf_backend, device, cfg.crf_max_pixels)
+        return scores_argmax(q, image_rgb.shape[:2])[0].astype(np.uint8)
     return logits.argmax(dim=0).byte().cpu().numpy()
 
 
@@ -219,7 +258,9 @@ def evaluate_model(checkpoint: str | Path, dataset, ids: Sequence[str], *, out_d
                                          f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has "
                                          f"{dataset.classes.num_classes + 1} ({', '.join(dataset.classes.names[:3])}, ...)")
     cfg = infer if isinstance(infer, InferConfig) else InferConfig.from_dict(
-        {**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"), **(infer or {})})
+        {**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"), **(infer or {})},
+        model=meta["model"]["name"])
+    cfg = cfg.resolved(dev)
     res = predict_split(model, dataset, ids, out_dir, cfg, dev, gt=True, progress=progress)
     return {"what": "model", "miou": mean_iou(res["conf"]), "accuracy": pixel_accuracy(res["conf"]),
             "conf": res["conf"], "evaluated": res["done"], "failed": res["failed"], "errors": res["errors"],

@@ -41,9 +41,10 @@ def _watch(parent: int) -> None:
 
 
 def worker_init() -> None:
-    """Initializer of the CRF worker processes: one OpenCV thread each (a worker handles one image;
-    OpenCV's own pool would only oversubscribe the cores) and death with the parent."""
+    """Initializer of the CRF worker processes: one OpenCV (and torch) thread each (a worker handles
+    one image; a library's own pool would only oversubscribe the cores) and death with the parent."""
     import cv2
 
     cv2.setNumThreads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # read when the torch CRF backend first loads torch in this worker
     die_with_parent()

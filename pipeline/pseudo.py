@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import crf
 from .camfile import check_cams, load_cams, upsample_cams
+from .crf import DEFAULT_MAX_PIXELS
 from .datasets import Dataset, SampleError, read_mask
 from .image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, target_size
 from .io import check_manifest, check_output_folder, write_errors, write_manifest
@@ -36,6 +39,10 @@ class PseudoConfig:
     crf: crf.CRFParams = field(default_factory=crf.CRFParams)
     format: str = "palette"            # label PNG: 'palette' (P mode, VOC colours) or 'gray' (reference)
     require_gt: bool = True            # the reference reads the GT mask of every image (SPEC 10.8)
+    preset: str = "clipes"             # the crf.PRESETS entry guide and crf came from (recorded)
+    backend: str = "auto"              # dense CRF backend: 'auto' | 'torch' | 'pydensecrf' (see crf.resolve_backend)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS      # larger images: CRF at a reduced size (crf.crf_scores)
+    device: str = "cpu"                # where the torch backend runs (not part of the manifest)
 
     def __post_init__(self) -> None:
         if self.confidence not in crf.CONFIDENCE_RULES:
@@ -46,9 +53,26 @@ class PseudoConfig:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if not 0 <= self.conf <= 1:
             raise ValueError(f"conf must be in [0, 1], got {self.conf}")
+        crf.preset(self.preset)
+        if self.backend not in crf.BACKENDS:
+            raise ValueError(f"backend must be one of {crf.BACKENDS}, got {self.backend!r}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive pixel count (or None for no cap), got {self.max_pixels}")
+
+    def resolved(self) -> "PseudoConfig":
+        """This config with 'auto' replaced by the backend that will run (printing a note on a fallback)."""
+        note = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+        return replace(self, backend=crf.resolve_backend(self.backend, self.device, log=note))
+
+    @property
+    def in_process(self) -> bool:
+        """The torch backend on a GPU labels in this process (worker processes would each claim the GPU)."""
+        return self.backend == "torch" and self.device.startswith("cuda")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["device"]  # the labels do not depend on it beyond float rounding
+        return d
 
 
 # ------------------------------------------------------------------------------- one image
@@ -60,7 +84,8 @@ def pseudo_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray
     H, W = image_rgb.shape[:2]
     cams = upsample_cams(cams_patch, (H, W))
     return crf.refine(image_rgb, keys, cams, params=cfg.crf, guide=cfg.guide, conf=cfg.conf,
-                      confidence=cfg.confidence, power=cfg.power)
+                      confidence=cfg.confidence, power=cfg.power, backend=cfg.backend, device=cfg.device,
+                      max_pixels=cfg.max_pixels)
 
 
 def load_cams_for(cam_path: str | Path, image_size: tuple[int, int], num_classes: int,
@@ -185,7 +210,9 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
     """
     cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
-    cfg = for_dataset(cfg, dataset)
+    cfg = for_dataset(cfg, dataset).resolved()
+    if cfg.in_process:
+        n_jobs = 1
     config = stage_config(dataset, cams_dir, cfg)
     max_patches = (config["cams_config"] or {}).get("max_patches") or DEFAULT_MAX_PATCHES
     resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
@@ -237,7 +264,8 @@ class StreamingLabeller:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.dataset, self.out, self.cfg = dataset, Path(out_dir), for_dataset(cfg, dataset)
+        cfg = for_dataset(cfg, dataset).resolved()
+        self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",
                        "cams_config": cams_config, **self.cfg.as_dict()}
@@ -245,8 +273,8 @@ class StreamingLabeller:
         write_manifest(self.out, self.config, status="running")
         self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
         # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
-        self.pool = ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=worker_init)
+        self.pool = None if cfg.in_process else ProcessPoolExecutor(
+            self.n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init)
         self.pending: list = []
         self.errors: dict[str, str] = {}
         self.done_count = 0
@@ -261,13 +289,19 @@ class StreamingLabeller:
         gt = self.dataset.mask_path(image_id)
         task = Task(image_id, str(self.dataset.image_path(image_id)), "", str(self.path(image_id)),
                     None if gt is None else str(gt))
+        if self.pool is None:
+            self._record(*label_arrays(task, np.asarray(keys), np.asarray(cams_patch), self.cfg,
+                                       self.dataset.classes.num_classes))
+            return
         self.pending.append(self.pool.submit(label_arrays, task, np.asarray(keys), np.asarray(cams_patch), self.cfg,
                                              self.dataset.classes.num_classes))
         while len(self.pending) > 4 * self.n_jobs:
             self._collect(self.pending.pop(0))
 
     def _collect(self, future) -> None:
-        image_id, err = future.result()
+        self._record(*future.result())
+
+    def _record(self, image_id: str, err: str | None) -> None:
         if err:
             self.errors[image_id] = err
         else:
@@ -278,7 +312,8 @@ class StreamingLabeller:
         for future in self.pending:
             self._collect(future)
         self.pending = []
-        self.pool.shutdown()
+        if self.pool is not None:
+            self.pool.shutdown()
         errors = {**(failed_upstream or {}), **self.errors}
         write_errors(self.out, errors)
         write_manifest(self.out, self.config, status="failed" if errors else "complete",

@@ -168,8 +168,9 @@ def run_cams(cfg: CamsConfig) -> Summary:
     if cfg.pseudo_out:
         from .pseudo import PseudoConfig, StreamingLabeller
 
-        labeller = StreamingLabeller(data, cfg.pseudo_out, cfg.pseudo or PseudoConfig(), config, cfg.pseudo_jobs,
-                                     cfg.overwrite)
+        # the torch CRF backend runs on the CAM stage's device
+        pseudo_cfg = dataclasses.replace(cfg.pseudo or PseudoConfig(), device=str(device))
+        labeller = StreamingLabeller(data, cfg.pseudo_out, pseudo_cfg, config, cfg.pseudo_jobs, cfg.overwrite)
 
     _barrier(world)
     if rank == 0 and cfg.keep_cams:

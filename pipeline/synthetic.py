@@ -190,3 +190,27 @@ def make_noisy_cams(root: str | Path, out_dir: str | Path, ids: Sequence[str] | 
         cams = np.stack([noisy_cam((gt == k + 1).astype(np.uint8), rng, blur, offset, noise, spurious) for k in keys])
         save_cams(out_dir / f"{image_id}.npz", keys, cams, gt.shape)
     return ids
+
+
+def scene_with_cams(rng: np.random.Generator, size: tuple[int, int], num_labels: int, num_classes: int = 20,
+                    **noise) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An in-memory scene with ``num_labels`` (1..num_classes) image labels -> (image (H, W, 3) uint8 RGB,
+    keys (K,) int64, patch-resolution CAMs (K, h, w) float32), for CRF comparisons.
+
+    Up to three labels are drawn objects; the others are labels without a visible object, whose CAMs
+    are ``noisy_cam`` of a random shape (a false positive of the classifier). ``noise``: ``noisy_cam``
+    arguments (defaults as ``make_noisy_cams``).
+    """
+    if not 1 <= num_labels <= num_classes:
+        raise ValueError(f"num_labels must be in 1..{num_classes}, got {num_labels}")
+    args = {"blur": 0.04, "offset": 0.03, "noise": 0.05, "spurious": 0.3, **noise}
+    img, gt, present = render_scene(rng, size, num_classes, min(3, num_labels))
+    others = [c for c in rng.permutation(num_classes).tolist() if c not in present]
+    keys = (list(present) + others)[:num_labels]
+    cams = []
+    for k in keys:
+        mask = (gt == k + 1).astype(np.uint8)
+        if k not in present:
+            draw_shape(mask, SHAPES[int(rng.integers(len(SHAPES)))], rng)
+        cams.append(noisy_cam(mask, rng, **args))
+    return img, np.asarray(keys, np.int64), np.stack(cams)

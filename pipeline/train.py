@@ -48,8 +48,8 @@ DEFAULTS: dict[str, Any] = {
               "ckpt_every": 2000, "keep_checkpoints": 2, "log_every": 20, "val_every": 2000,
               "val_max_images": None},
     "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "window": None, "stride": None,
-              "crf": False, "crf_params": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0,
-                                           "bi_w": 4.0}},
+              "crf": False, "crf_preset": None, "crf_params": None, "crf_backend": "auto",
+              "crf_max_pixels": 1_000_000},
     "val": {"scales": [1.0], "flip": False, "long_side": None, "window": None, "stride": None, "crf": False},
 }
 # Keys that may change between an interrupted run and its resumption without changing the result.

@@ -26,8 +26,15 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scales", default=None, help="comma-separated test scales, e.g. 1.0,0.75")
     p.add_argument("--flip", dest="flip", action="store_true", default=None, help="add flipped predictions")
     p.add_argument("--no-flip", dest="flip", action="store_false")
-    p.add_argument("--crf", dest="crf", action="store_true", default=None, help="dense CRF on the softmax (SPEC 5.4)")
+    p.add_argument("--crf", dest="crf", action="store_true", default=None, help="dense CRF on the softmax")
     p.add_argument("--no-crf", dest="crf", action="store_false")
+    p.add_argument("--crf-preset", choices=("weclip", "deeplab", "clipes", "excel"), default=None,
+                   help="CRF parameters and guide image (default: the checkpoint's, else by model family: "
+                        "weclip models -> weclip, DeepLab -> deeplab)")
+    p.add_argument("--crf-backend", choices=("auto", "torch", "pydensecrf"), default=None,
+                   help="dense CRF implementation (auto: torch on CUDA, pydensecrf on the CPU when installed)")
+    p.add_argument("--crf-max-pixels", type=int, default=None,
+                   help="larger images run the CRF scaled down to this many pixels (0: no cap; default 1000000)")
     p.add_argument("--long-side", type=int, default=None, help="resize the long side to this first (WeCLIP: 512)")
     p.add_argument("--window", type=int, default=None, help="sliding-window tile size for large images")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step (default 2/3 of the window)")
@@ -38,9 +45,13 @@ def infer_overrides(args: argparse.Namespace) -> dict:
     d = {}
     if args.scales:
         d["scales"] = [float(s) for s in args.scales.split(",")]
-    for k in ("flip", "crf", "long_side", "window", "stride"):
+    for k in ("flip", "crf", "long_side", "window", "stride", "crf_preset", "crf_backend"):
         if getattr(args, k) is not None:
             d[k] = getattr(args, k)
+    if args.crf_max_pixels is not None:
+        d["crf_max_pixels"] = args.crf_max_pixels or None
+    if args.crf_preset is not None:
+        d["crf_params"] = None  # the preset's numbers, not those stored with the checkpoint
     return d
 
 
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
             raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
                                      f"has {ds.classes.num_classes + 1}")
         cfg = InferConfig.from_dict({**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"),
-                                     **infer_overrides(args)})
+                                     **infer_overrides(args)}, model=meta["model"]["name"]).resolved(device)
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         source = Path(args.images).resolve().name if args.images else Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / ckpt_io.label(ckpt_file) / source

@@ -2,8 +2,10 @@
 
     python -m stages.pseudo --dataset voc --root data/VOC2012 --split train_aug -j 8
 
-Defaults reproduce CLIP-ES's eval_cam_with_crf.py (wrapped guide image, CRF-marginal confidence
-0.95, GT required); --guide plain, --confidence raw|none and --no-require-gt change that.
+Defaults reproduce CLIP-ES's eval_cam_with_crf.py (--crf-preset clipes: wrapped guide image, CRF-marginal
+confidence 0.95, GT required); --crf-preset, --guide, --confidence raw|none and --no-require-gt change that.
+--crf-backend auto runs the dense CRF with PyTorch on a GPU, with pydensecrf on the CPU (PyTorch when
+pydensecrf is not installed); images above --crf-max-pixels are labelled from a scaled-down CRF.
 Exit status: 0 all labelled, 1 some images failed (see errors.json), 2 bad arguments or stale outputs.
 """
 from __future__ import annotations
@@ -17,36 +19,52 @@ from stages.common import add_dataset_args, fail, open_dataset, outputs, print_f
 
 def add_pseudo_args(p: argparse.ArgumentParser) -> None:
     """Flags of the labelling itself (shared with `stages.cams --pseudo-out`)."""
-    from pipeline.crf import CONFIDENCE_RULES, GUIDES, CRFParams
+    from pipeline.crf import BACKENDS, CONFIDENCE_RULES, DEFAULT_MAX_PIXELS, GUIDES, PRESETS
     from pipeline.labelio import FORMATS
 
-    d = CRFParams()
     p.add_argument("--conf", type=float, default=0.95, help="confidence below which a pixel becomes 255")
     p.add_argument("--confidence", choices=CONFIDENCE_RULES, default="crf",
                    help="crf: max CRF marginal (reference code); raw: paper's max(1-max X, max X) on raw CAMs; "
                         "none: no 255 (the reference's --eval_only)")
-    p.add_argument("--guide", choices=GUIDES, default="wrapped",
-                   help="bilateral guide: wrapped = reference's uint8-wrapped BGR-minus-mean image; plain = the image")
+    p.add_argument("--crf-preset", choices=tuple(PRESETS), default="clipes",
+                   help="CRF parameters and guide image of a method (clipes: CLIP-ES's, the default); "
+                        "the flags below override single values")
+    p.add_argument("--crf-backend", choices=BACKENDS, default="auto",
+                   help="dense CRF implementation: torch (PyTorch, any device) or pydensecrf (C++, CPU); "
+                        "auto: torch on CUDA, pydensecrf on the CPU when installed, else torch")
+    p.add_argument("--crf-max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="larger images run the CRF scaled down to this many pixels, then its marginals are "
+                        "upsampled (0: no cap)")
+    p.add_argument("--guide", choices=GUIDES, default=None,
+                   help="bilateral guide: wrapped = reference's uint8-wrapped BGR-minus-mean image; plain = the "
+                        "image in BGR order; rgb = the image in RGB order (default: the preset's)")
     p.add_argument("--format", choices=FORMATS, default="palette", help="palette PNG (VOC colours) or gray like the reference")
     p.add_argument("--power", type=float, default=1.0, help="background row (1 - max cam) ** power")
-    p.add_argument("--crf-iters", type=int, default=d.iters)
-    p.add_argument("--pos-xy", type=float, default=d.pos_xy, help="Gaussian kernel sxy")
-    p.add_argument("--pos-w", type=float, default=d.pos_w, help="Gaussian kernel compat")
-    p.add_argument("--bi-xy", type=float, default=d.bi_xy, help="bilateral kernel sxy")
-    p.add_argument("--bi-rgb", type=float, default=d.bi_rgb, help="bilateral kernel srgb")
-    p.add_argument("--bi-w", type=float, default=d.bi_w, help="bilateral kernel compat")
+    p.add_argument("--crf-iters", type=int, default=None, help="mean-field iterations (default: the preset's)")
+    p.add_argument("--pos-xy", type=float, default=None, help="Gaussian kernel sxy (default: the preset's)")
+    p.add_argument("--pos-w", type=float, default=None, help="Gaussian kernel compat")
+    p.add_argument("--bi-xy", type=float, default=None, help="bilateral kernel sxy")
+    p.add_argument("--bi-rgb", type=float, default=None, help="bilateral kernel srgb")
+    p.add_argument("--bi-w", type=float, default=None, help="bilateral kernel compat")
     p.add_argument("--no-require-gt", action="store_true",
                    help="label images without a ground-truth mask (the reference requires one)")
 
 
-def pseudo_config(args: argparse.Namespace):
-    """PseudoConfig from the flags of ``add_pseudo_args``."""
-    from pipeline.crf import CRFParams
+def pseudo_config(args: argparse.Namespace, device: str = "cpu"):
+    """PseudoConfig from the flags of ``add_pseudo_args``: the preset, with single values overridden.
+    ``device``: where the torch CRF backend runs."""
+    from dataclasses import replace
+
+    from pipeline.crf import preset
     from pipeline.pseudo import PseudoConfig
 
-    return PseudoConfig(conf=args.conf, confidence=args.confidence, guide=args.guide, power=args.power,
-                        crf=CRFParams(args.crf_iters, args.pos_xy, args.pos_w, args.bi_xy, args.bi_rgb, args.bi_w),
-                        format=args.format, require_gt=not args.no_require_gt)
+    pre = preset(args.crf_preset)
+    given = {"iters": args.crf_iters, "pos_xy": args.pos_xy, "pos_w": args.pos_w, "bi_xy": args.bi_xy,
+             "bi_rgb": args.bi_rgb, "bi_w": args.bi_w}
+    params = replace(pre.params, **{k: v for k, v in given.items() if v is not None})
+    return PseudoConfig(conf=args.conf, confidence=args.confidence, guide=args.guide or pre.guide, power=args.power,
+                        crf=params, format=args.format, require_gt=not args.no_require_gt, preset=args.crf_preset,
+                        backend=args.crf_backend, max_pixels=args.crf_max_pixels or None, device=str(device))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cams", default=None, help="CAM folder (default outputs/<dataset>/cams)")
     p.add_argument("--out", default=None, help="label folder (default outputs/<dataset>/pseudo)")
     add_pseudo_args(p)
+    p.add_argument("--device", default=None, help="device of the torch CRF backend (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs made with another configuration")
     return p.parse_args(argv)
 
@@ -66,7 +85,7 @@ def main(argv=None) -> int:
     from pipeline.pseudo import run_pseudo
 
     try:
-        cfg = pseudo_config(args)
+        cfg = pseudo_config(args, args.device or _default_device(args.crf_backend))
         ds, ids = open_dataset(args)
         res = run_pseudo(ds, ids, args.cams or outputs(args.dataset, "cams"), args.out or outputs(args.dataset, "pseudo"),
                          cfg, n_jobs=args.jobs, overwrite=args.overwrite, progress=not args.no_progress)
@@ -76,6 +95,15 @@ def main(argv=None) -> int:
     print(json.dumps(res, indent=2))
     print_failures(errors, Path(res["out"]))
     return 1 if errors else 0
+
+
+def _default_device(backend: str) -> str:
+    """cuda when the torch backend may run and a GPU is there; torch is only imported in that case."""
+    if backend == "pydensecrf":
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ def test_wrapped_guide_emulates_c_truncation_and_modulo_for_every_value():
     assert got.flags.c_contiguous and got.dtype == np.uint8
 
 
-def test_plain_guide_is_bgr_copy_and_unknown_guide_rejected():
+def test_plain_guide_is_bgr_copy_rgb_guide_is_the_image_and_unknown_guide_rejected():
     img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     g = crf.guide_image(img, "plain")
     assert np.array_equal(g, img[..., ::-1]) and g.flags.c_contiguous
+    assert np.array_equal(crf.guide_image(img, "rgb"), img)
     with pytest.raises(ValueError, match="unknown guide"):
         crf.guide_image(img, "fancy")
     with pytest.raises(ValueError, match="uint8"):
@@ -54,8 +55,7 @@ def test_unary_exact_float16_values():
 
 
 def test_unary_layout_is_row_major_and_matches_pydensecrf_utils():
-    from pydensecrf.utils import unary_from_softmax
-
+    unary_from_softmax = pytest.importorskip("pydensecrf.utils", reason="compares with pydensecrf's helper").unary_from_softmax
     rng = np.random.default_rng(1)
     p = rng.random((3, 4, 5)).astype(np.float16)
     u = crf.unary_energy(p)

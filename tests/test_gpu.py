@@ -40,3 +40,28 @@ def test_batched_equals_single_on_gpu(b16):
     for b in range(4):
         single = engine(x[b:b + 1], [labels[b]])[0]
         np.testing.assert_allclose(batched[b].init, single.init, atol=2e-2)
+
+
+def test_torch_crf_on_gpu_agrees_with_the_cpu_and_batches():
+    from pipeline import crf, synthetic
+    from pipeline.camfile import upsample_cams
+    from pipeline.crf import torch_backend
+
+    rng = np.random.default_rng(0)
+    us, gs = [], []
+    for labels in (2, 8, 20):  # one C per batch: pad with labels of the largest energy (-log 1e-5)
+        img, keys, cams = synthetic.scene_with_cams(rng, (375, 500), labels)
+        u = crf.unary_energy(crf.background_probs(upsample_cams(cams, (375, 500))))
+        pad = np.full((21 - u.shape[0], u.shape[1]), u.max(), np.float32)
+        us.append(np.concatenate([u, pad]).reshape(21, 375, 500))
+        gs.append(crf.wrapped_guide(img))
+    u, g = torch.from_numpy(np.stack(us)), torch.from_numpy(np.stack(gs))
+    params = crf.CRFParams()
+    cpu = torch_backend.dense_crf(u[:1], g[:1], params)
+    one = torch_backend.dense_crf(u[:1].cuda(), g[:1].cuda(), params).cpu()
+    assert (one.argmax(1) == cpu.argmax(1)).float().mean() >= 0.999  # float sums in another order only
+    assert ((one.max(1).values >= 0.95) == (cpu.max(1).values >= 0.95)).float().mean() >= 0.999
+    batch = torch_backend.dense_crf(u.cuda(), g.cuda(), params).cpu()
+    torch.testing.assert_close(batch[:1], one, atol=1e-4, rtol=0)
+    half = torch_backend.dense_crf(u.cuda().half(), g.cuda(), params)
+    assert half.dtype == torch.float16 and (half.float().cpu().argmax(1) == batch.argmax(1)).float().mean() >= 0.99

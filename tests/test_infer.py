@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt_io
 from pipeline import metrics
+from pipeline.crf import CRFParams
 from pipeline.datasets import build_dataset, read_mask
 from pipeline.infer import InferConfig, crf_refine, evaluate_model, msc_logits, tile_starts, window_logits
 from pipeline.train import load_config, train
@@ -50,10 +51,17 @@ def test_crf_on_blurred_probabilities_recovers_edges():
     fg = np.roll(fg, 5, axis=1)  # blurred and shifted, like an upsampled 1/16 prediction
     probs = np.stack([1 - fg, fg]).clip(0.02, 0.98)
     before = (probs.argmax(0) == gt).mean()
-    q = crf_refine(image, probs, InferConfig().crf_params)
-    after = (q.argmax(0) == gt).mean()
-    assert InferConfig().crf_params.bi_xy == 67 and InferConfig().crf_params.iters == 10  # SPEC 5.4
-    assert after > before + 0.02 and after > 0.97
+    for model in ("deeplabv2", "weclip"):
+        cfg = InferConfig.from_dict({"crf": True}, model=model)
+        q = crf_refine(image, probs, *cfg.crf_setup(), backend="torch")
+        after = (q.argmax(0) == gt).mean()
+        assert after > before + 0.02 and after > 0.97
+    # defaults by model family: deeplab-pytorch's CRF (wrapped guide) for DeepLab, WeCLIP's (RGB guide) for WeCLIP
+    assert InferConfig.from_dict({}, model="deeplabv3plus").crf_setup() == (CRFParams(10, 1, 3, 67, 3, 4), "wrapped")
+    assert InferConfig.from_dict({}, model="weclip").crf_setup() == (CRFParams(10, 3, 3, 64, 5, 4), "rgb")
+    assert InferConfig.from_dict({"crf_preset": "excel"}, model="weclip").crf_setup()[1] == "rgb"
+    with pytest.raises(ValueError, match="unknown CRF preset"):
+        InferConfig(crf_preset="dcrf")
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +90,10 @@ def test_evaluate_model_scores_with_pipeline_metrics_and_writes_palette_pngs(tra
         assert pred.shape == gt.shape and set(np.unique(pred)) <= set(range(5))
         conf += metrics.confusion_matrix(pred, gt, 5)
     assert np.array_equal(conf, res["conf"]) and res["miou"] == pytest.approx(metrics.mean_iou(conf))
-    crf = evaluate_model(run, ds, d["val_ids"][:1], infer={"crf": True, "scales": [1.0]}, device="cpu", progress=False)
+    crf = evaluate_model(run, ds, d["val_ids"][:1], infer={"crf": True, "scales": [1.0], "crf_backend": "torch"},
+                         device="cpu", progress=False)
     assert crf["infer"]["crf"] and crf["evaluated"] == 1
+    assert crf["infer"]["crf_preset"] == "deeplab" and crf["infer"]["crf_backend"] == "torch"
 
 
 def test_cli_predict_and_evaluate_model(trained, tmp_path):
