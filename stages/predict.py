@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip import CheckpointError
-    from pipeline.infer import InferConfig, load_model, predict_split
+    from pipeline.infer import checkpoint_infer_config, load_model, predict_split
     from pipeline.io import write_errors, write_manifest
 
     try:
@@ -85,8 +85,7 @@ def main(argv=None) -> int:
         if list(meta["class_names"]) != ["background", *ds.classes.names]:
             raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
                                      f"has {ds.classes.num_classes + 1}")
-        cfg = InferConfig.from_dict({**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"),
-                                     **infer_overrides(args)})
+        cfg = checkpoint_infer_config(meta, infer_overrides(args))
         split = Path(args.split).stem if args.split else "default"
         out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / split
         res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
