@@ -1,8 +1,11 @@
 """Segmentation models trained on pseudo labels: WeCLIP's decoder on frozen CLIP, DeepLabV2/V3+.
 
 ``build_model(model_cfg, num_classes)`` is the one constructor the trainer, inference and
-benchmarks use; every model maps normalised images (B, 3, H, W) to logits (B, C, H, W), names the
-state-dict prefixes it never trains (``frozen_prefixes``) and provides its optimiser ``param_groups``.
+benchmarks use; every model maps normalised images (B, 3, H, W) to logits (B, C, H, W) in eval mode,
+names the state-dict prefixes it never trains (``frozen_prefixes``) and provides its optimiser
+``param_groups``. A model whose training outputs are not plain logits (DeepLab's multi-scale list)
+provides ``training_loss(outputs, labels, loss_fn)``; ``family`` names the model kind for inference
+settings that depend on it (stored in checkpoint meta as ``family``).
 """
 from __future__ import annotations
 
