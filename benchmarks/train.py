@@ -3,8 +3,10 @@
     python -m benchmarks.train                      # CPU (or the GPU when one is visible)
     python -m benchmarks.train --iters 20 --device cuda --amp bf16
 
-WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (SPEC 7.8). DeepLabV2: ResNet-101 (random init),
-batch 5, crop 321, SGD (SPEC 5.4; one micro-batch per step, iter_size 2 would double the time).
+WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (SPEC 7.8). DeepLabV2: the model of
+configs/deeplab_voc.yaml (deeplab-pytorch's MSC ResNet-101: forward and loss at scales 1, 0.5, 0.75 and
+their max; random weights, BatchNorm frozen as with a pretrained file), batch 5, crop 321, SGD (one
+micro-batch per step; iter_size 2 would double the time).
 Each model runs in its own process so peak memory is its own: CPU = peak resident set size of that
 process (weights + activations + allocator), GPU = torch.cuda.max_memory_allocated. Inputs are random
 tensors (the data pipeline is not timed); the first ``--warmup`` iterations are not timed.
@@ -27,7 +29,7 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     import torch
 
     from pipeline.models import build_model, trainable_parameters
-    from pipeline.train import amp_dtype, autocast, build_optimizer, segmentation_loss
+    from pipeline.train import amp_dtype, autocast, build_optimizer, load_config, model_loss
 
     s = SETTINGS[name]
     dev = torch.device(device)
@@ -37,8 +39,8 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
 
         model = build_model({"name": "weclip"}, 21, clip=random_clip(VIT_B_16, seed=0))
     else:
-        model = build_model({"name": name, "layers": [3, 4, 23, 3], "base_width": 64, "freeze_bn": True}, 21,
-                            log=lambda *_: None)
+        cfg = load_config("configs/deeplab_voc.yaml")["model"]
+        model = build_model({**cfg, "name": name, "freeze_bn": True}, 21, log=lambda *_: None)
     model = model.to(dev).train()
     opt = build_optimizer(model, s["optim"])
     dtype = amp_dtype(amp, dev)
@@ -55,7 +57,7 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
         t = time.perf_counter()
         with autocast(dev, dtype):
             logits = model(x)
-        loss = segmentation_loss(logits, y)
+        loss = model_loss(model, logits, y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -70,7 +72,7 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         kind = "peak RSS"
-    queue.put({"model": name, "trainable_params": trainable_parameters(model), "batch": s["batch"], "crop": s["crop"],
+    queue.put({"model": name + ("-msc" if getattr(model, "msc_scales", ()) else ""), "trainable_params": trainable_parameters(model), "batch": s["batch"], "crop": s["crop"],
                "device": str(dev), "amp": str(dtype).replace("torch.", "") if dtype else "none",
                "threads": torch.get_num_threads(), "iters_timed": len(times),
                "s_per_iter": round(sum(times) / len(times), 3), "iters_per_s": round(len(times) / sum(times), 4),

@@ -166,6 +166,16 @@ def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, dev
 
 
 # ---------------------------------------------------------------------------------- model files
+def checkpoint_infer_config(meta: dict[str, Any], overrides: dict[str, Any] | None = None) -> InferConfig:
+    """Inference settings for a checkpoint: those stored at training time, then ``overrides``; the input
+    convention is always the one the model was trained with (``ValueError`` when an override differs)."""
+    norm = meta.get("normalize", "imagenet")
+    overrides = dict(overrides or {})
+    if overrides.get("normalize", norm) != norm:
+        raise ValueError(f"this model was trained on {norm!r} inputs; it cannot be fed {overrides['normalize']!r}")
+    return InferConfig.from_dict({**meta.get("infer", {}), **overrides, "normalize": norm}, model=meta["model"]["name"])
+
+
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", clip: str | Path | None = None,
                log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
     """(eval-mode model on ``device``, checkpoint meta) from a checkpoint file or run folder.
@@ -257,10 +267,7 @@ def evaluate_model(checkpoint: str | Path, dataset, ids: Sequence[str], *, out_d
         raise ckpt_io.CheckpointMismatch(f"{checkpoint}: trained for {meta['num_classes']} classes "
                                          f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has "
                                          f"{dataset.classes.num_classes + 1} ({', '.join(dataset.classes.names[:3])}, ...)")
-    cfg = infer if isinstance(infer, InferConfig) else InferConfig.from_dict(
-        {**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"), **(infer or {})},
-        model=meta["model"]["name"])
-    cfg = cfg.resolved(dev)
+    cfg = checkpoint_infer_config(meta, infer.as_dict() if isinstance(infer, InferConfig) else infer).resolved(dev)
     res = predict_split(model, dataset, ids, out_dir, cfg, dev, gt=True, progress=progress)
     return {"what": "model", "miou": mean_iou(res["conf"]), "accuracy": pixel_accuracy(res["conf"]),
             "conf": res["conf"], "evaluated": res["done"], "failed": res["failed"], "errors": res["errors"],

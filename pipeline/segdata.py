@@ -6,8 +6,9 @@ position) draws its augmentation from ``np.random.default_rng([seed, k])`` and t
 a resumed run, a run with more DataLoader workers and an uninterrupted run see the same batches.
 
 Augmentations (SPEC 7.1 WeCLIP, 5.4 DeepLab): random rescale (uniform range or a set of scales),
-horizontal flip, pad to the crop (image 0 or the mean colour, label 255), random crop, then mean/std
-normalisation (ImageNet statistics by default, as both references; CLIP's on request).
+horizontal flip, pad to the crop (image 0 or the mean colour, label 255), random crop, then the input
+convention the model was trained with: RGB (x - mean) / std with ImageNet statistics (WeCLIP, torchvision
+ResNets), CLIP's statistics, or deeplab-pytorch's caffe convention (BGR 0-255 minus the mean, no std).
 """
 from __future__ import annotations
 
@@ -26,8 +27,12 @@ from .labelio import read_label
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # on 0-255 RGB (SPEC 7.1)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)  # deeplab-pytorch's configs (the caffe DeepLab models' mean)
+# (mean, std) on 0-255 RGB; the conventions in BGR_INPUTS then reverse the channels (caffe-trained weights).
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                  "clip": (tuple(255 * m for m in CLIP_MEAN), tuple(255 * s for s in CLIP_STD))}
+                  "clip": (tuple(255 * m for m in CLIP_MEAN), tuple(255 * s for s in CLIP_STD)),
+                  "caffe": (CAFFE_MEAN_BGR[::-1], (1.0, 1.0, 1.0))}
+BGR_INPUTS = frozenset({"caffe"})
 
 
 class DataError(ValueError):
@@ -64,16 +69,20 @@ class AugConfig:
 
 # ------------------------------------------------------------------------------------ pure ops
 def normalize(image: np.ndarray, kind: str = "imagenet") -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> float32 (3, H, W), (x - mean) / std on the 0-255 scale."""
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W), (x - mean) / std on the 0-255 scale, channels in the
+    convention's order (BGR for 'caffe')."""
     mean, std = NORMALIZATIONS[kind]
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()  # a writable copy
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return x.flip(0) if kind in BGR_INPUTS else x
 
 
 def denormalize(x: torch.Tensor, kind: str = "imagenet") -> np.ndarray:
     """float (3, H, W) normalised -> uint8 (H, W, 3) RGB (for CRF guides and visualisation)."""
     mean, std = NORMALIZATIONS[kind]
-    img = x.detach().float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    x = x.detach().float().cpu()
+    x = x.flip(0) if kind in BGR_INPUTS else x
+    img = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     return img.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 

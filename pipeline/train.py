@@ -36,14 +36,15 @@ from .io import check_output_folder, code_version, write_bytes, write_json
 # Every key a config may set; YAML files and --set overrides are merged onto this.
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "weclip", "clip": None, "encoder_blocks": None, "width": 256, "heads": 8, "depth": 3,
-              "dropout": 0.1, "layers": [3, 4, 23, 3], "base_width": 64, "freeze_bn": True, "pretrained": None},
+              "dropout": 0.1, "layers": [3, 4, 23, 3], "base_width": 64, "layout": "torchvision", "msc_scales": [],
+              "freeze_bn": "auto", "pretrained": None},
     "data": {"dataset": "voc", "root": None, "classes": None, "labels": None, "masks": None,
              "split": "train_aug", "supervision": "pseudo", "pseudo": None, "val_split": "val",
              "crop": 320, "scale_range": [0.5, 2.0], "scales": None, "flip": True, "normalize": "imagenet",
              "pad_image": "zero", "workers": 4},
     "optim": {"name": "adamw", "lr": 2.0e-4, "head_lr_mult": 10.0, "weight_decay": 0.01, "betas": [0.9, 0.999],
               "eps": 1.0e-8, "momentum": 0.9},
-    "schedule": {"iters": 30000, "warmup_iters": 50, "warmup_ratio": 1.0e-6, "power": 1.0},
+    "schedule": {"iters": 30000, "warmup_iters": 50, "warmup_ratio": 1.0e-6, "power": 1.0, "lr_step": 1},
     "train": {"batch_size": 4, "accum": 1, "seed": 1, "loss": "ce", "amp": "auto", "device": "auto",
               "ckpt_every": 2000, "keep_checkpoints": 2, "log_every": 20, "val_every": 2000,
               "val_max_images": None},
@@ -117,9 +118,16 @@ def check_config(cfg: Mapping) -> None:
         raise ConfigError(f"optim.name must be adamw or sgd, got {cfg['optim']['name']!r}")
     if d["supervision"] not in ("pseudo", "gt"):
         raise ConfigError(f"data.supervision must be pseudo (labels from data.pseudo) or gt, got {d['supervision']!r}")
-    for key, v in (("schedule.iters", s["iters"]), ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
+    for key, v in (("schedule.iters", s["iters"]), ("schedule.lr_step", s["lr_step"]),
+                   ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+    from .models import check_model_config
+
+    try:
+        check_model_config(cfg["model"], d["normalize"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def flatten(cfg: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -140,12 +148,13 @@ def resume_differences(old: Mapping, new: Mapping) -> list[str]:
 
 
 # --------------------------------------------------------------------------------- pure pieces
-def lr_factor(step: int, iters: int, warmup_iters: int, warmup_ratio: float, power: float) -> float:
+def lr_factor(step: int, iters: int, warmup_iters: int, warmup_ratio: float, power: float, every: int = 1) -> float:
     """SPEC 7.8 schedule factor at 0-based ``step``: linear warm-up from ``warmup_ratio`` over
-    ``warmup_iters``, then poly (1 - step/iters) ** power (DeepLab: 0.9, no warm-up)."""
+    ``warmup_iters``, then poly (1 - step/iters) ** power with ``step`` rounded down to a multiple of
+    ``every`` (deeplab-pytorch: power 0.9, no warm-up, lr updated every 10 iterations)."""
     if step < warmup_iters:
         return 1 - (1 - step / warmup_iters) * (1 - warmup_ratio)
-    return max(0.0, 1 - step / iters) ** power
+    return max(0.0, 1 - every * (step // every) / iters) ** power
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
@@ -166,6 +175,14 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "c
         terms = [ce[m].mean() for m in (bg, fg) if m.any()]
         return sum(terms) / len(terms) if terms else ce.sum() * 0
     raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+
+
+def model_loss(model: nn.Module, outputs, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """``segmentation_loss`` of the model's outputs, through the model's ``training_loss`` hook when it
+    has one (DeepLab's multi-scale outputs: a sum over scales at their own resolutions)."""
+    hook = getattr(ckpt_io.unwrap(model), "training_loss", None)
+    loss_fn = lambda lg, lb: segmentation_loss(lg, lb, kind)  # noqa: E731
+    return hook(outputs, labels, loss_fn) if hook else loss_fn(outputs, labels)
 
 
 def build_optimizer(model: nn.Module, optim: Mapping) -> torch.optim.Optimizer:
@@ -369,8 +386,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     optimizer = build_optimizer(model, cfg["optim"])
     dtype = amp_dtype(t_cfg["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    meta = {"model": cfg["model"], "num_classes": n_cls, "class_names": class_names,
-            "normalize": cfg["data"]["normalize"], "infer": cfg["infer"], "config": cfg}
+    meta = {"model": cfg["model"], "family": getattr(model, "family", cfg["model"]["name"]), "num_classes": n_cls,
+            "class_names": class_names, "normalize": cfg["data"]["normalize"], "infer": cfg["infer"], "config": cfg}
     start = 0
     pointer = ckdir / ckpt_io.LATEST
     if resume and pointer.is_file():
@@ -421,7 +438,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     model.train()
     try:
         for it in range(start, end):
-            f = lr_factor(it, iters, int(s_cfg["warmup_iters"]), float(s_cfg["warmup_ratio"]), float(s_cfg["power"]))
+            f = lr_factor(it, iters, int(s_cfg["warmup_iters"]), float(s_cfg["warmup_ratio"]), float(s_cfg["power"]),
+                          int(s_cfg["lr_step"]))
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * f
             loss_sum = 0.0
@@ -433,7 +451,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with autocast(device, dtype):
                         logits = model(images)
-                    loss = segmentation_loss(logits, labels, t_cfg["loss"]) / accum
+                    loss = model_loss(model, logits, labels, t_cfg["loss"]) / accum
                     scaler.scale(loss).backward()
                 loss_sum += float(loss.detach())
             scaler.step(optimizer)

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip import CheckpointError
-    from pipeline.infer import InferConfig, load_model, predict_split
+    from pipeline.infer import checkpoint_infer_config, load_model, predict_split
     from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_manifest
 
     try:
@@ -99,8 +99,7 @@ def main(argv=None) -> int:
         if list(meta["class_names"]) != ["background", *ds.classes.names]:
             raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
                                      f"has {ds.classes.num_classes + 1}")
-        cfg = InferConfig.from_dict({**meta.get("infer", {}), "normalize": meta.get("normalize", "imagenet"),
-                                     **infer_overrides(args)}, model=meta["model"]["name"]).resolved(device)
+        cfg = checkpoint_infer_config(meta, infer_overrides(args)).resolved(device)
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         source = Path(args.images).resolve().name if args.images else Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / ckpt_io.label(ckpt_file) / source

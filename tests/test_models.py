@@ -1,12 +1,13 @@
 """Models: WeCLIP decoder shape and parameter count (SPEC 7.3), frozen CLIP, DeepLab structure and
-backbone checkpoint loading, the ignore-index loss, schedules/optimisers, checkpoint compatibility."""
+torchvision-layout checkpoint loading (the caffe layout: test_deeplab.py), the ignore-index loss,
+schedules/optimisers, checkpoint compatibility."""
 import pytest
 import torch
 from torch import nn
 
 from pipeline import checkpoint as ckpt_io
 from pipeline.clip import CLIP
-from pipeline.models import DeepLab, WeCLIPSeg, build_model, decoder_param_count, load_backbone, trainable_parameters
+from pipeline.models import DeepLab, WeCLIPSeg, build_model, decoder_param_count, load_pretrained, trainable_parameters
 from pipeline.models.deeplab import ResNet
 from pipeline.randomclip import TINY, VIT_B_16, random_clip
 from pipeline.train import build_optimizer, load_config, lr_factor, segmentation_loss
@@ -65,33 +66,13 @@ def test_deeplab_v2_is_resnet101_with_aspp_and_output_stride_8():
     assert groups["head_bias"]["weight_decay"] == 0 and groups["backbone"]["momentum"] == 0.9
 
 
-def _caffe_key(k: str) -> str:
-    """torchvision ResNet key -> deeplab-pytorch's caffe-converted name."""
-    if k.startswith("conv1."):
-        return "base.layer1.conv1.conv." + k[6:]
-    if k.startswith("bn1."):
-        return "base.layer1.conv1.bn." + k[4:]
-    stage, block, part, rest = k.split(".", 3)
-    s, b = int(stage[5:]) + 1, int(block) + 1
-    if part == "downsample":
-        idx, rest = rest.split(".", 1)
-        return f"base.layer{s}.block{b}.shortcut.{'conv' if idx == '0' else 'bn'}.{rest}"
-    name = {"conv1": "reduce.conv", "bn1": "reduce.bn", "conv2": "conv3x3.conv", "bn2": "conv3x3.bn",
-            "conv3": "increase.conv", "bn3": "increase.bn"}[part]
-    return f"base.layer{s}.block{b}.{name}.{rest}"
-
-
-@pytest.mark.parametrize("layout", ["torchvision", "caffe"])
-def test_backbone_checkpoint_layouts_load_and_report(layout, tmp_path):
+def test_torchvision_backbone_checkpoint_loads_and_reports(tmp_path):
     src = ResNet((1, 2, 1, 1), base_width=8)
     with torch.no_grad():
         for p in src.parameters():
             p.normal_()
     sd = {k: v for k, v in src.state_dict().items()}
-    if layout == "torchvision":
-        state = {"module." + k: v for k, v in sd.items()} | {"fc.weight": torch.zeros(10, 256), "fc.bias": torch.zeros(10)}
-    else:
-        state = {_caffe_key(k): v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    state = {"module." + k: v for k, v in sd.items()} | {"fc.weight": torch.zeros(10, 256), "fc.bias": torch.zeros(10)}
     path = tmp_path / "r.pth"
     torch.save({"state_dict": state}, path)
     cfg = {"name": "deeplabv2", "layers": [1, 2, 1, 1], "base_width": 8, "pretrained": str(path)}
@@ -99,13 +80,14 @@ def test_backbone_checkpoint_layouts_load_and_report(layout, tmp_path):
     model = build_model(cfg, 5, log=msgs.append)
     for k, v in sd.items():
         assert torch.equal(model.backbone.state_dict()[k], v), k
-    assert "loaded" in msgs[0] and "not in checkpoint" not in msgs[0]
+    assert "loaded" in msgs[0] and "not in checkpoint" not in msgs[0] and "ignored: fc.weight, fc.bias" in msgs[0]
     # a shallower checkpoint loads what matches and names what did not
     other = ResNet((1, 1, 1, 1), base_width=8).state_dict()
-    rep = load_backbone(ResNet((1, 2, 1, 1), base_width=8), other, "shallow.pth")
-    assert any(k.startswith("layer2.1.") for k in rep.missing) and "left at init" in rep.summary()
+    rep = load_pretrained(DeepLab(5, layers=(1, 2, 1, 1), base_width=8), other, "shallow.pth")
+    assert any(k.startswith("backbone.layer2.1.") for k in rep.missing) and "left at init" in rep.summary()
     with pytest.raises(ValueError, match="wide.pth"):  # another width: nothing fits
-        load_backbone(ResNet((1, 1, 1, 1), base_width=8), ResNet((1, 1, 1, 1), base_width=16).state_dict(), "wide.pth")
+        load_pretrained(DeepLab(5, layers=(1, 1, 1, 1), base_width=8), ResNet((1, 1, 1, 1), base_width=16).state_dict(),
+                        "wide.pth")
 
 
 @pytest.mark.parametrize("kind", ["ce", "bgfg"])

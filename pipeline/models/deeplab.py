@@ -1,22 +1,28 @@
-"""DeepLabV2 (ResNet-101, ASPP 6/12/18/24, output stride 8) and DeepLabV3+ in plain PyTorch (SPEC 5.4).
+"""DeepLabV2 (ResNet-101, ASPP 6/12/18/24, output stride 8) and DeepLabV3+ in plain PyTorch.
 
-The ResNet uses torchvision's parameter names, so ImageNet checkpoints in the common layouts load
-through ``load_backbone`` (torchvision / timm / mmcv keys, optionally wrapped or prefixed, and
-deeplab-pytorch's caffe-converted names); it reports what did not match instead of failing silently.
+Two ResNet layouts (see ``resnet_caffe``): 'caffe', deeplab-pytorch's MSRA ResNet (the layout of the
+DeepLab caffemodels and of the files CLIP-ES trained from), and 'torchvision' (torchvision / timm /
+mmcv ImageNet weights). ``load_pretrained`` reads either kind of file, refuses a file of the other
+layout (told apart by its key names) and reports every key it did not use. DeepLabV2 optionally runs
+deeplab-pytorch's multi-scale inputs with max fusion (``msc_scales``; see ``msc``).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .msc import msc_loss, msc_outputs
+from .resnet_caffe import CaffeResNet
+
 RESNET101 = (3, 4, 23, 3)
 RESNET50 = (3, 4, 6, 3)
+LAYOUTS = ("caffe", "torchvision")
 
 
 class Bottleneck(nn.Module):
@@ -41,12 +47,14 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision-layout ResNet trunk (no fc) with dilated later stages.
+    """torchvision-layout ResNet trunk (no fc) with dilated later stages (stride on the 3x3 conv).
 
     ``strides``/``dilations`` per stage: DeepLabV2 uses strides (1, 2, 1, 1), dilations (1, 1, 2, 4)
     (output stride 8); DeepLabV3+ (1, 2, 2, 1) with (1, 1, 1, 2) (output stride 16).
     ``base_width`` 64 is the real network; smaller values make test-sized models.
     """
+
+    layout = "torchvision"
 
     def __init__(self, layers: Sequence[int] = RESNET101, base_width: int = 64,
                  strides: Sequence[int] = (1, 2, 1, 1), dilations: Sequence[int] = (1, 1, 2, 4)):
@@ -111,27 +119,36 @@ class ASPPv3(nn.Module):
 
 
 class DeepLab(nn.Module):
-    """DeepLabV2 (``variant='v2'``) or DeepLabV3+ (``'v3plus'``) on a dilated ResNet.
+    """DeepLabV2 (``variant='v2'``) or DeepLabV3+ (``'v3plus'``) on a dilated ResNet of ``layout``.
 
-    ``forward`` returns logits (B, C, H, W) upsampled bilinearly to the input size.
-    ``freeze_bn`` keeps BatchNorm in eval mode with frozen affine parameters (deeplab-pytorch, batch 5).
+    ``forward`` returns logits (B, C, H, W) upsampled bilinearly to the input size; with ``msc_scales``
+    (DeepLabV2 as deeplab-pytorch trains it: (0.5, 0.75)) it returns in training mode the list
+    [scale 1, each scale, max] at the network's own output resolution, for ``training_loss``, and in
+    eval mode the max, upsampled. ``freeze_bn`` keeps the backbone's BatchNorm in eval mode with frozen
+    affine parameters (statistics of the pretrained file; batch 5 is too small to train them).
     """
 
     frozen_prefixes: tuple[str, ...] = ()
+    family = "deeplab"
 
     def __init__(self, num_classes: int, variant: str = "v2", layers: Sequence[int] = RESNET101,
-                 base_width: int = 64, freeze_bn: bool = True):
+                 base_width: int = 64, freeze_bn: bool = True, layout: str = "torchvision",
+                 msc_scales: Sequence[float] = ()):
         super().__init__()
         if variant not in ("v2", "v3plus"):
             raise ValueError(f"unknown DeepLab variant {variant!r}; choose v2 or v3plus")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown ResNet layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         self.variant = variant
         self.freeze_bn = freeze_bn
+        self.msc_scales = tuple(float(s) for s in msc_scales)
+        trunk = CaffeResNet if layout == "caffe" else ResNet
         if variant == "v2":
-            self.backbone = ResNet(layers, base_width, (1, 2, 1, 1), (1, 1, 2, 4))
+            self.backbone = trunk(layers, base_width, (1, 2, 1, 1), (1, 1, 2, 4))
             self.head = ASPPv2(self.backbone.out_channels, num_classes)
         else:
             ch = max(16, 4 * base_width)  # 256 at full width
-            self.backbone = ResNet(layers, base_width, (1, 2, 2, 1), (1, 1, 1, 2))
+            self.backbone = trunk(layers, base_width, (1, 2, 2, 1), (1, 1, 1, 2))
             self.aspp = ASPPv3(self.backbone.out_channels, ch)
             low = max(8, 3 * base_width // 4)  # 48 at full width
             self.low_proj = _conv_bn_relu(self.backbone.low_channels, low)
@@ -142,6 +159,10 @@ class DeepLab(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.requires_grad_(False)
 
+    @property
+    def layout(self) -> str:
+        return self.backbone.layout
+
     def train(self, mode: bool = True) -> "DeepLab":
         super().train(mode)
         if self.freeze_bn:
@@ -150,19 +171,37 @@ class DeepLab(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) normalised -> logits (B, C, H, W) float32."""
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) normalised -> logits (B, C, h, w) at the network's output stride."""
         low, x = self.backbone(images)
         if self.variant == "v2":
-            logits = self.head(x)
+            return self.head(x)
+        x = F.interpolate(self.aspp(x), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(torch.cat([x, self.low_proj(low)], dim=1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """images (B, 3, H, W) normalised -> logits (B, C, H, W) float32 (MSC training: the list above)."""
+        if self.msc_scales:
+            outs = msc_outputs(self.logits, images, self.msc_scales)
+            if self.training:
+                return outs
+            logits = outs[-1]
         else:
-            x = F.interpolate(self.aspp(x), size=low.shape[-2:], mode="bilinear", align_corners=False)
-            logits = self.head(torch.cat([x, self.low_proj(low)], dim=1))
+            logits = self.logits(images)
         return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def training_loss(self, outputs: torch.Tensor | list[torch.Tensor], labels: torch.Tensor,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The trainer's hook: ``loss_fn`` on full-size logits, or (MSC) summed over the four outputs at
+        their own resolutions, labels (B, H, W) resized nearest."""
+        if isinstance(outputs, (list, tuple)):
+            return msc_loss(outputs, labels, loss_fn)
+        return loss_fn(outputs, labels)
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
         """deeplab-pytorch's groups: backbone at lr; head weights at lr x mult; head biases at lr x 2 mult,
-        without weight decay (the caffe convention deeplab-pytorch keeps)."""
+        without weight decay (the caffe convention deeplab-pytorch keeps). Frozen BatchNorm parameters
+        are in no group."""
         head = [(n, p) for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups = [
             {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr,
@@ -174,59 +213,73 @@ class DeepLab(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-# ------------------------------------------------------------------------- backbone checkpoints
+# ------------------------------------------------------------------------- pretrained checkpoints
 @dataclass
 class LoadReport:
-    """What ``load_backbone`` did: keys loaded, backbone keys left at init, checkpoint keys unused."""
+    """What ``load_pretrained`` did: keys loaded, model keys left at init, checkpoint keys not used."""
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    layout: str | None = None
 
     def summary(self) -> str:
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
-        lines = [f"loaded {len(self.loaded)} tensors"]
+        lines = [f"loaded {len(self.loaded)} tensors ({self.layout or 'unknown'} ResNet layout)"]
         if self.missing:
             lines.append(f"not in checkpoint (left at init): {few(self.missing)}")
         if self.shape_mismatch:
             lines.append(f"shape mismatch (left at init): {few(self.shape_mismatch)}")
         if self.unexpected:
             lines.append(f"unused checkpoint keys: {few(self.unexpected)}")
+        if self.ignored:
+            lines.append(f"classifier of the pretraining task ignored: {few(self.ignored)}")
         return "; ".join(lines)
 
 
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "base.", "resnet.", "body.")
-# deeplab-pytorch (caffe-converted) names: layer1 is the stem, layer2..5 are torchvision layer1..4.
-_CAFFE_RULES = [
-    (re.compile(r"^layer1\.conv1\.conv\.(.+)$"), r"conv1.\1"),
-    (re.compile(r"^layer1\.conv1\.bn\.(.+)$"), r"bn1.\1"),
-    (re.compile(r"^layer(\d)\.block(\d+)\.(reduce|conv3x3|increase)\.(conv|bn)\.(.+)$"), None),
-    (re.compile(r"^layer(\d)\.block(\d+)\.shortcut\.(conv|bn)\.(.+)$"), None),
-]
-_CAFFE_PARTS = {("reduce", "conv"): "conv1", ("reduce", "bn"): "bn1", ("conv3x3", "conv"): "conv2",
-                ("conv3x3", "bn"): "bn2", ("increase", "conv"): "conv3", ("increase", "bn"): "bn3"}
+# deeplab-pytorch names: layer1 = stem (conv1.conv / conv1.bn), layer2..5 = stages of blockN.
+_CAFFE_KEY = re.compile(r"^layer\d\.(block\d+\.|conv1\.(conv|bn)\.)")
+# torchvision / timm / mmcv names: conv1, bn1, layer1..4 of numbered blocks.
+_TORCHVISION_KEY = re.compile(r"^(conv1\.weight$|bn1\.|layer\d\.\d+\.)")
+_CAFFE_ASPP = re.compile(r"^aspp\.c(\d+)\.(weight|bias)$")
+_FIX = {"caffe": "set model.layout=caffe and data.normalize=caffe (deeplab-pytorch's ResNet and input convention)",
+        "torchvision": "set model.layout=torchvision and data.normalize=imagenet (torchvision/timm ImageNet weights)"}
 
 
-def normalize_key(key: str) -> str:
-    """Map one checkpoint key to torchvision ResNet names (prefixes stripped, caffe names renamed)."""
+def strip_prefixes(key: str) -> str:
+    """Remove wrapper prefixes (``module.``, ``base.`` of deeplab-pytorch's MSC, ``backbone.`` ...)."""
     changed = True
     while changed:
         changed = False
         for p in _PREFIXES:
             if key.startswith(p):
                 key, changed = key[len(p):], True
-    if m := _CAFFE_RULES[2][0].match(key):
-        stage, block, part, kind, rest = m.groups()
-        return f"layer{int(stage) - 1}.{int(block) - 1}.{_CAFFE_PARTS[(part, kind)]}.{rest}"
-    if m := _CAFFE_RULES[3][0].match(key):
-        stage, block, kind, rest = m.groups()
-        return f"layer{int(stage) - 1}.{int(block) - 1}.downsample.{0 if kind == 'conv' else 1}.{rest}"
-    for rx, repl in _CAFFE_RULES[:2]:
-        if rx.match(key):
-            return rx.sub(repl, key)
     return key
+
+
+def detect_layout(keys) -> str | None:
+    """'caffe' (deeplab-pytorch names), 'torchvision' or None (neither) from a checkpoint's key names."""
+    names = [strip_prefixes(k) for k in keys]
+    caffe = sum(bool(_CAFFE_KEY.match(k)) for k in names)
+    tv = sum(bool(_TORCHVISION_KEY.match(k)) for k in names)
+    if not caffe and not tv:
+        return None
+    return "caffe" if caffe >= tv else "torchvision"
+
+
+def model_key(key: str, layout: str) -> str | None:
+    """A checkpoint key -> the DeepLab parameter it initialises (``backbone.*``, or ``head.convs.N.*`` for a
+    deeplab-pytorch ASPP), or None for keys never used (BatchNorm counters, pretraining classifiers)."""
+    key = strip_prefixes(key)
+    if key.endswith("num_batches_tracked") or key.startswith("fc."):
+        return None
+    if layout == "caffe" and (m := _CAFFE_ASPP.match(key)):
+        return f"head.convs.{m[1]}.{m[2]}"
+    return "backbone." + key
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -246,30 +299,43 @@ def read_checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def load_backbone(backbone: ResNet, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                  min_fraction: float = 0.5) -> LoadReport:
-    """Copy matching tensors of ``state`` into ``backbone`` (in place) and report the rest.
+def load_pretrained(model: DeepLab, state: dict[str, torch.Tensor], source: str = "checkpoint",
+                    min_fraction: float = 0.5) -> LoadReport:
+    """Copy the tensors of ``state`` that fit ``model`` (in place) and report the rest.
 
-    Raises ``ValueError`` naming ``source`` when under ``min_fraction`` of the backbone's tensors match
-    (a checkpoint of another network, not a partially different one)."""
-    own = backbone.state_dict()
-    report, mapped = LoadReport(), {}
+    Reads deeplab-pytorch files (its converted caffe init files, e.g. ``deeplabv1_resnet101-coco.pth``,
+    and its MSC training checkpoints with ``base.`` prefixes, whose ASPP is loaded too when the class
+    count matches) into the caffe layout, and torchvision/timm/mmcv ResNets into the torchvision layout.
+    Raises ``ValueError`` naming ``source`` for a file of the other layout (its weights would compute
+    another function) and when under ``min_fraction`` of the backbone's tensors match.
+    """
+    layout = model.layout
+    found = detect_layout(state)
+    if found is not None and found != layout:
+        example = next(k for k in state if (_CAFFE_KEY if found == "caffe" else _TORCHVISION_KEY).match(strip_prefixes(k)))
+        raise ValueError(f"{source}: a {found}-layout ResNet (keys like {example!r}) cannot initialise this "
+                         f"{layout}-layout model: the layouts put the stride in different convs, so the weights "
+                         f"would load and compute something else; {_FIX[found]}")
+    own = model.state_dict()
+    report, mapped = LoadReport(layout=found), {}
     for k, v in state.items():
-        nk = normalize_key(k)
-        if nk.startswith("fc.") or nk.endswith("num_batches_tracked"):
-            continue
-        if nk not in own:
+        nk = model_key(k, layout)
+        if nk is None:
+            if not k.endswith("num_batches_tracked"):
+                report.ignored.append(k)
+        elif nk not in own:
             report.unexpected.append(k)
         elif own[nk].shape != v.shape:
             report.shape_mismatch.append(f"{k} {tuple(v.shape)} vs {tuple(own[nk].shape)}")
         else:
             mapped[nk] = v
-    wanted = [k for k in own if not k.endswith("num_batches_tracked")]
+    wanted = [k for k in own if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
     report.missing = [k for k in wanted if k not in mapped]
     report.loaded = sorted(mapped)
-    if len(mapped) < min_fraction * len(wanted):
-        raise ValueError(f"{source}: only {len(mapped)} of {len(wanted)} backbone tensors match a ResNet "
-                         f"with this depth/width ({report.summary()}); is it a ResNet-101 ImageNet checkpoint?")
+    n_backbone = sum(k.startswith("backbone.") for k in mapped)
+    if n_backbone < min_fraction * len(wanted):
+        raise ValueError(f"{source}: only {n_backbone} of {len(wanted)} backbone tensors match a {layout}-layout "
+                         f"ResNet with this depth/width ({report.summary()}); is it a ResNet-101 checkpoint?")
     with torch.no_grad():
         for k, v in mapped.items():
             own[k].copy_(v.to(own[k].dtype))
