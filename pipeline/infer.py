@@ -173,7 +173,8 @@ def checkpoint_infer_config(meta: dict[str, Any], overrides: dict[str, Any] | No
     overrides = dict(overrides or {})
     if overrides.get("normalize", norm) != norm:
         raise ValueError(f"this model was trained on {norm!r} inputs; it cannot be fed {overrides['normalize']!r}")
-    return InferConfig.from_dict({**meta.get("infer", {}), **overrides, "normalize": norm}, model=meta["model"]["name"])
+    family = meta.get("family") or meta.get("model", {}).get("name")
+    return InferConfig.from_dict({**meta.get("infer", {}), **overrides, "normalize": norm}, model=family)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", clip: str | Path | None = None,

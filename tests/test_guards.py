@@ -95,7 +95,7 @@ def _changes_outputs(tmp) -> dict[str, list[str]]:
 NEUTRAL = {"--help", "--root", "--split", "--out", "--device", "--batch-size", "--workers", "--overwrite",
            "--no-progress", "--pseudo-out", "--no-keep-cams", "--jobs", "--conf", "--confidence", "--guide",
            "--format", "--power", "--crf-iters", "--pos-xy", "--pos-w", "--bi-xy", "--bi-rgb", "--bi-w",
-           "--no-require-gt",
+           "--no-require-gt", "--crf-backend", "--crf-preset", "--crf-max-pixels",
            "--dataset",  # picks the layout the ids are read from; recorded in the manifest (checked below)
            "--masks"}    # ground-truth masks of the folder dataset: used for evaluation, not for CAMs
 
@@ -242,6 +242,7 @@ def test_documented_defaults():
     silent change of every output."""
     assert dataclasses.asdict(PseudoConfig()) == {
         "conf": 0.95, "confidence": "crf", "guide": "wrapped", "power": 1.0, "format": "palette", "require_gt": True,
+        "preset": "clipes", "backend": "auto", "device": "cpu", "max_pixels": 1_000_000,
         "crf": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0, "bi_w": 4.0}}
     # the stage with no flags gives the same config
     args = pseudo_stage.parse_args(["--dataset", "voc", "--root", "somewhere"])

@@ -159,7 +159,7 @@ COMMANDS: dict[str, Run | Skip] = {
     "make train MODEL=weclip DATASET=voc ROOT=~/data/VOC2012 LABELS=outputs/voc/pseudo CLIP=~/models/ViT-B-16.pt":
         Run(check_train("weclip_voc", resumed_empty=True),
             {"SPLIT": "train_aug", "VAL_SPLIT": "val", "ARGS": f"{SHORT} --resume"}),
-    "make train MODEL=deeplab DATASET=voc ROOT=~/data/VOC2012 LABELS=outputs/voc/pseudo INIT=~/models/resnet101.pth":
+    "make train MODEL=deeplab DATASET=voc ROOT=~/data/VOC2012 LABELS=outputs/voc/pseudo INIT=~/models/deeplabv1_resnet101-coco.pth":
         Run(check_train("deeplab_voc"), {"SPLIT": "train_aug", "VAL_SPLIT": "val", "ARGS": f"{SHORT} {TINY_RESNET}"}),
     "make predict CKPT=outputs/voc/train/weclip_voc IMAGES=some/folder": Run(check_predict),
     "make eval WHAT=model CKPT=outputs/voc/train/weclip_voc ROOT=~/data/VOC2012 SPLIT=val": Run(check_eval_model),
@@ -221,12 +221,13 @@ def ctx(tmp_path_factory, tiny_clip_path) -> Ctx:
     clip = base / "models dir" / "ViT-B-16.pt"
     clip.parent.mkdir()
     shutil.copy(tiny_clip_path, clip)
-    resnet = base / "models dir" / "resnet101.pth"
+    resnet = base / "models dir" / "deeplabv1_resnet101-coco.pth"
     import torch
 
     from pipeline.models import DeepLab
 
-    torch.save(DeepLab(21, "v2", (1, 1, 1, 1), 8).backbone.state_dict(), resnet)  # torchvision key layout
+    # deeplab-pytorch's key layout, as its converted init files
+    torch.save(DeepLab(21, "v2", (1, 1, 1, 1), 8, layout="caffe").backbone.state_dict(), resnet)
     work = base / "work dir"
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs")
