@@ -1,4 +1,4 @@
-"""Pseudo-label stage: CAM files -> dense CRF -> one label PNG per image (SPEC 5.3).
+"""Pseudo-label stage: CAM files -> dense CRF (CLIP-ES) or PAR (ExCEL) -> one label PNG per image (SPEC 5.3).
 
 ``pseudo_label`` labels one in-memory image (the CAM stage can call it without writing CAM files);
 ``run_pseudo`` runs a whole split: one image per task in joblib worker processes that read their own
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -35,8 +35,13 @@ class PseudoConfig:
     crf: crf.CRFParams = field(default_factory=crf.CRFParams)
     format: str = "palette"            # label PNG: 'palette' (P mode, VOC colours) or 'gray' (reference)
     require_gt: bool = True            # the reference reads the GT mask of every image (SPEC 10.8)
+    refine: str = "crf"                # 'crf' (CLIP-ES) or 'par' (ExCEL: PAR with the image, argmax, no 255)
+    par_input_size: int | None = None  # PAR guide: the image at this square size (ExCEL's 320), 0 its own size;
+                                       # None: the CAM stage's input size, read from its manifest
 
     def __post_init__(self) -> None:
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if self.confidence not in crf.CONFIDENCE_RULES:
             raise ValueError(f"confidence must be one of {crf.CONFIDENCE_RULES}, got {self.confidence!r}")
         if self.guide not in crf.GUIDES:
@@ -50,16 +55,52 @@ class PseudoConfig:
         return asdict(self)
 
 
+REFINES = ("crf", "par")
+
+
+def resolve_par(cfg: PseudoConfig, cams_config: Any) -> PseudoConfig:
+    """Fill ``par_input_size`` from the CAM stage's manifest config: the square size its images were
+    resized to (ExCEL's --input-size), else 0 (the image at its own size)."""
+    if cfg.refine != "par" or cfg.par_input_size is not None:
+        return cfg
+    cam = cams_config.get("cam") if isinstance(cams_config, dict) else None
+    size = cam.get("input_size") if isinstance(cam, dict) else None
+    return replace(cfg, par_input_size=int(size or 0))
+
+
 # ------------------------------------------------------------------------------- one image
 def pseudo_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray,
                  cfg: PseudoConfig = PseudoConfig()) -> np.ndarray:
     """RGB uint8 (H, W, 3), keys int (K,), patch-resolution CAMs float (K, h, w) -> uint8 (H, W) label
     (0 background, c + 1 class c, 255 low confidence). CAMs are upsampled to float16 exactly as the
-    reference's CAM files held them, then refined by the dense CRF."""
+    reference's CAM files held them, then refined by the dense CRF (or by PAR, see ``par_label``)."""
+    if cfg.refine == "par":
+        return par_label(image_rgb, keys, cams_patch, cfg.par_input_size or 0, cfg.power)
     H, W = image_rgb.shape[:2]
     cams = upsample_cams(cams_patch, (H, W))
     return crf.refine(image_rgb, keys, cams, params=cfg.crf, guide=cfg.guide, conf=cfg.conf,
                       confidence=cfg.confidence, power=cfg.power)
+
+
+def par_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray, input_size: int = 0,
+              power: float = 1.0) -> np.ndarray:
+    """ExCEL's training-free labels: CAMs (K, h, w) upsampled (OpenCV bilinear, float32) to the image
+    (H, W), background (1 - max)^power in front, refined by PAR guided by the normalised image (at
+    ``input_size`` square when non-zero, as the reference's 320 x 320 input, resized to (H, W) by PAR),
+    argmax -> uint8 (H, W) labels 0 / c + 1, no 255."""
+    import torch
+
+    from .cams.excel import preprocess
+    from .par import par
+
+    H, W = image_rgb.shape[:2]
+    cams = upsample_cams(cams_patch, (H, W), np.float32)
+    scores = np.concatenate([(1 - cams.max(axis=0, keepdims=True)) ** power, cams])
+    guide = preprocess(image_rgb, (input_size, input_size) if input_size else (H, W))
+    with torch.no_grad():
+        refined = par(guide[None], torch.from_numpy(scores)[None])[0]
+    keys_ext = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)
+    return keys_ext[refined.argmax(dim=0).numpy()]
 
 
 def load_cams_for(cam_path: str | Path, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -176,6 +217,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
     """
     cams_dir, out_dir = Path(cams_dir), Path(out_dir)
+    cfg = resolve_par(cfg, _cams_provenance(cams_dir))
     config = stage_config(dataset, cams_dir, cfg)
     resume = check_manifest(out_dir, config, overwrite=overwrite)
     write_manifest(out_dir, config, status="running")
@@ -226,6 +268,7 @@ class StreamingLabeller:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        cfg = resolve_par(cfg, cams_config)
         self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",

@@ -4,6 +4,7 @@
 
 Defaults reproduce CLIP-ES's eval_cam_with_crf.py (wrapped guide image, CRF-marginal confidence
 0.95, GT required); --guide plain, --confidence raw|none and --no-require-gt change that.
+--refine par labels as ExCEL does instead: PAR guided by the image, argmax, no 255.
 Exit status: 0 all labelled, 1 some images failed (see errors.json), 2 bad arguments or stale outputs.
 """
 from __future__ import annotations
@@ -21,6 +22,12 @@ def add_pseudo_args(p: argparse.ArgumentParser) -> None:
     from pipeline.labelio import FORMATS
 
     d = CRFParams()
+    p.add_argument("--refine", choices=("crf", "par"), default="crf",
+                   help="crf: CLIP-ES's dense CRF with confidence mask; par: ExCEL's pixel-adaptive refinement "
+                        "(background 1 - max, PAR with the image, argmax, no 255)")
+    p.add_argument("--par-input-size", type=int, default=None,
+                   help="PAR guide: the image resized to this square first (ExCEL: 320); 0: its own size; "
+                        "default: the CAM stage's --input-size, from its manifest")
     p.add_argument("--conf", type=float, default=0.95, help="confidence below which a pixel becomes 255")
     p.add_argument("--confidence", choices=CONFIDENCE_RULES, default="crf",
                    help="crf: max CRF marginal (reference code); raw: paper's max(1-max X, max X) on raw CAMs; "
@@ -46,7 +53,8 @@ def pseudo_config(args: argparse.Namespace):
 
     return PseudoConfig(conf=args.conf, confidence=args.confidence, guide=args.guide, power=args.power,
                         crf=CRFParams(args.crf_iters, args.pos_xy, args.pos_w, args.bi_xy, args.bi_rgb, args.bi_w),
-                        format=args.format, require_gt=not args.no_require_gt)
+                        format=args.format, require_gt=not args.no_require_gt, refine=args.refine,
+                        par_input_size=args.par_input_size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
