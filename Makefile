@@ -2,6 +2,8 @@
 # Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, CLIP (ViT-B-16.pt), PROMPT, WHAT,
 # JOBS (CRF processes), OUT, ARGS (extra flags passed through); training: MODEL (weclip|deeplab), CONFIG,
 # LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
+# METHOD (clipes|excel): CAM method of cams/cams-pseudo; with excel, cams/pseudo/eval/viz use the
+# outputs/<dataset>/{cams,pseudo}_excel folders and pseudo refines with PAR (ARGS="--refine crf" for the CRF).
 PY      ?= .venv/bin/python
 DATASET ?= voc
 SPLIT   ?=
@@ -10,6 +12,7 @@ ARGS    ?=
 JOBS    ?=
 PROMPT  ?=
 WHAT    ?= cams
+METHOD  ?= clipes
 MODEL   ?= weclip
 CONFIG  ?= configs/$(MODEL)_$(DATASET).yaml
 RUN     ?= outputs/$(DATASET)/train/$(basename $(notdir $(CONFIG)))
@@ -17,10 +20,13 @@ SPLIT_FLAG  = $(if $(SPLIT),--split $(SPLIT))
 OUT_FLAG    = $(if $(OUT),--out $(OUT))
 JOBS_FLAG   = $(if $(JOBS),-j $(JOBS))
 PROMPT_FLAG = $(if $(PROMPT),--prompt "$(PROMPT)")
+METHOD_DIR  = $(if $(filter excel,$(METHOD)),_excel)
+CAMS_DIR    = outputs/$(DATASET)/cams$(METHOD_DIR)
+PSEUDO_DIR  = outputs/$(DATASET)/pseudo$(METHOD_DIR)
 NEED_ROOT   = @test -n "$(ROOT)" || { echo "ROOT=/path/to/dataset is required (e.g. ROOT=~/data/VOC2012)"; exit 2; }
 NEED_CLIP   = @test -n "$(CLIP)" || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
 
-.PHONY: setup test cams cams-pseudo prompts pseudo eval viz train predict export-mmseg demo bench
+.PHONY: setup test cams cams-pseudo attributes prompts pseudo eval viz train predict export-mmseg demo bench
 
 setup:
 	python3 -m venv .venv
@@ -34,14 +40,20 @@ test:
 cams:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(OUT_FLAG) $(PROMPT_FLAG) $(ARGS)
+	$(PY) -m stages.cams --method $(METHOD) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) \
+		--out $(or $(OUT),$(CAMS_DIR)) $(PROMPT_FLAG) $(ARGS)
 
 # CAMs and CRF pseudo labels in one pass, without keeping CAM files (COCO-sized runs)
 cams-pseudo:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.cams --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(PROMPT_FLAG) \
-		--pseudo-out $(or $(OUT),outputs/$(DATASET)/pseudo) --no-keep-cams $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.cams --method $(METHOD) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --clip $(CLIP) $(PROMPT_FLAG) \
+		--pseudo-out $(or $(OUT),$(PSEUDO_DIR)) --no-keep-cams $(JOBS_FLAG) $(if $(filter excel,$(METHOD)),--refine par) $(ARGS)
+
+# ExCEL's attribute bank from data/descriptions/<dataset>.json -> outputs/<dataset>/attributes.npz
+attributes:
+	$(NEED_CLIP)
+	$(PY) -m stages.attributes --dataset $(DATASET) --clip $(CLIP) $(OUT_FLAG) $(ARGS)
 
 prompts:
 	$(NEED_ROOT)
@@ -50,19 +62,22 @@ prompts:
 
 pseudo:
 	$(NEED_ROOT)
-	$(PY) -m stages.pseudo --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.pseudo --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --cams $(CAMS_DIR) \
+		--out $(or $(OUT),$(PSEUDO_DIR)) $(JOBS_FLAG) $(if $(filter excel,$(METHOD)),--refine par) $(ARGS)
 
 eval:
 	$(NEED_ROOT)
 ifeq ($(WHAT),model)
 	$(PY) -m stages.evaluate_model --checkpoint $(or $(CKPT),$(RUN)) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(ARGS)
 else
-	$(PY) -m stages.eval --what $(WHAT) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.eval --what $(WHAT) --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --cams $(CAMS_DIR) \
+		--pseudo $(PSEUDO_DIR) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
 endif
 
 viz:
 	$(NEED_ROOT)
-	$(PY) -m stages.viz --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) $(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
+	$(PY) -m stages.viz --dataset $(DATASET) --root $(ROOT) $(SPLIT_FLAG) --cams $(CAMS_DIR) --pseudo $(PSEUDO_DIR) \
+		$(OUT_FLAG) $(JOBS_FLAG) $(ARGS)
 
 train:
 	$(NEED_ROOT)

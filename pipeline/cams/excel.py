@@ -126,7 +126,7 @@ def preprocess(rgb: np.ndarray, size: tuple[int, int], exact: bool = True) -> to
     statistics when ``exact``, as the reference, else CLIP's), then bilinear (align_corners=False)
     to ``size`` = (h', w')."""
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if exact else (CLIP_MEAN, CLIP_STD)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -139,7 +139,7 @@ def load_for_model(path: str | Path, input_size: int | None = None, max_patches:
     img = load_image(path, exif_transpose).convert("RGB")
     H, W = img.height, img.width
     size = (input_size, input_size) if input_size else target_size(H, W, max_patches)
-    return preprocess(np.array(img, dtype=np.uint8), size, exact), (H, W)
+    return preprocess(np.asarray(img), size, exact), (H, W)
 
 
 def image_loader(config: ExcelConfig, max_patches: int, exif_transpose: bool):
