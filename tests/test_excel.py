@@ -232,6 +232,11 @@ def test_bad_bank_and_description_files_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=messages[name]) as e:
             tse.load_descriptions(tmp_path / name, classes)
         assert str(tmp_path / name) in str(e.value)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"a": ["red", "round", "red"], "b": ["blue", "square"]}))
+    with pytest.raises(ValueError, match="good.json: 5 attributes asked for, but 2 classes with 4 distinct"):
+        excel.make_config("folder", classes, True, None, {"descriptions": str(good), "attributes": 5})
+    assert excel.make_config("folder", classes, True, None, {"descriptions": str(good)}).attributes == 4
 
 
 def test_shipped_descriptions_cover_the_vocabularies():
