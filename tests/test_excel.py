@@ -16,7 +16,7 @@ from pipeline.cams import excel, tse
 from pipeline.camfile import load_cams
 from pipeline.classes import ClassList, builtin
 from pipeline.clip import CLIPArch
-from pipeline.randomclip import random_clip, save_clip
+from pipeline.randomclip import random_clip
 from pipeline.stage_cams import CamsConfig, run_cams
 from stages.cams import main as cams_main
 
