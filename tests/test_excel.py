@@ -312,6 +312,14 @@ def test_stage_square_input_static_maps_and_option_errors(tmp_path, tiny_clip_pa
     image, size = excel.load_for_model(root / "JPEGImages" / "2007_000001.jpg", input_size=64)
     static, _ = engine.maps(image[None])
     np.testing.assert_allclose(d["cams_init"], static[0, [7, 11]].numpy(), rtol=1e-5, atol=1e-6)
+    # PAR labels take the CAM stage's square input size from its manifest for their guide image
+    from pipeline.datasets import build_dataset
+    from pipeline.pseudo import PseudoConfig, run_pseudo
+
+    res = run_pseudo(build_dataset("voc", root), ["2007_000001"], out, tmp_path / "pseudo",
+                     PseudoConfig(refine="par", require_gt=False), n_jobs=1, progress=False)
+    assert res["failed"] == 0
+    assert json.loads((tmp_path / "pseudo" / "manifest.json").read_text())["config"]["par_input_size"] == 64
     # CLIP-ES-only flags and ExCEL-only flags are refused with the other method
     base = ["--dataset", "voc", "--root", str(root), "--split", str(split), "--clip", str(tiny_clip_path)]
     with pytest.raises(SystemExit):
