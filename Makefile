@@ -1,8 +1,10 @@
 # WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models. `make` alone lists the targets.
 # Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, VAL_SPLIT, CLIP (ViT-B-16.pt), PROMPT,
 # WHAT, JOBS (CRF processes), OUT, CAMS (CAM folder), ARGS (extra flags passed through); training: MODEL
-# (weclip|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
+# (weclip|weclip-online|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
 # Paths may contain spaces; ARGS is passed to the shell as written.
+# METHOD (clipes|excel): CAM method of cams/cams-pseudo; with excel, cams/pseudo/eval/viz use the
+# outputs/<dataset>/{cams,pseudo}_excel folders and pseudo refines with PAR (ARGS="--refine crf" for the CRF).
 PY      ?= .venv/bin/python
 DATASET ?= voc
 SPLIT   ?=
@@ -13,6 +15,7 @@ ARGS    ?=
 JOBS    ?=
 PROMPT  ?=
 WHAT    ?= cams
+METHOD  ?= clipes
 MODEL   ?= weclip
 CONFIG  ?= configs/$(MODEL)_$(DATASET).yaml
 RUN     ?= outputs/$(DATASET)/train/$(basename $(notdir $(CONFIG)))
@@ -24,11 +27,16 @@ q = '$(subst ','"'"',$(1))'
 # $(call opt,--flag,VALUE): the flag and its quoted value, or nothing when VALUE is empty
 opt = $(if $(2),$(1) $(call q,$(2)))
 DATA_FLAGS  = --dataset $(DATASET) $(call opt,--root,$(ROOT)) $(call opt,--split,$(SPLIT))
+# METHOD=excel keeps its outputs apart from CLIP-ES's: outputs/<dataset>/{cams,pseudo}_excel
+METHOD_DIR  = $(if $(filter excel,$(METHOD)),_excel)
+CAMS_DIR    = $(or $(CAMS),outputs/$(DATASET)/cams$(METHOD_DIR))
+PSEUDO_DIR  = $(or $(LABELS),outputs/$(DATASET)/pseudo$(METHOD_DIR))
+PAR_FLAG    = $(if $(filter excel,$(METHOD)),--refine par)
 NEED_ROOT   = @test -n $(call q,$(ROOT)) || { echo "ROOT=/path/to/dataset is required (e.g. ROOT=~/data/VOC2012)"; exit 2; }
 NEED_CLIP   = @test -n $(call q,$(CLIP)) || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test cams cams-pseudo prompts pseudo eval viz train predict export-mmseg demo bench
+.PHONY: help setup test cams cams-pseudo attributes prompts pseudo eval viz train predict export-mmseg demo bench
 
 help:
 	@echo "clip-wsss: weakly supervised segmentation with a frozen CLIP (README.md has the details)"
@@ -36,13 +44,14 @@ help:
 	@echo "  make setup         create .venv and install the requirements"
 	@echo "  make test          run the test suite (CPU)"
 	@echo "  make demo          CAMs, pseudo labels and panels for a few photos  [CLIP OUT]"
-	@echo "  make cams          CLIP-ES CAMs of a split            DATASET ROOT SPLIT CLIP [OUT PROMPT NPROC]"
-	@echo "  make pseudo        CRF pseudo labels from the CAMs    DATASET ROOT SPLIT [CAMS OUT JOBS]"
-	@echo "  make cams-pseudo   pseudo labels straight from CAMs   DATASET ROOT SPLIT CLIP [OUT JOBS PROMPT]"
+	@echo "  make cams          CAMs of a split (CLIP-ES or ExCEL) DATASET ROOT SPLIT CLIP [METHOD OUT PROMPT NPROC]"
+	@echo "  make pseudo        pseudo labels from the CAMs        DATASET ROOT SPLIT [METHOD CAMS OUT JOBS]"
+	@echo "  make cams-pseudo   pseudo labels straight from CAMs   DATASET ROOT SPLIT CLIP [METHOD OUT JOBS PROMPT]"
+	@echo "  make attributes    ExCEL's attribute bank             DATASET CLIP [OUT]"
 	@echo "  make prompts       rank prompt templates by sharpness DATASET ROOT SPLIT CLIP [OUT]"
 	@echo "  make eval          WHAT=cams|pseudo|model             DATASET ROOT SPLIT [CAMS LABELS CKPT OUT JOBS]"
 	@echo "  make viz           panels + index.html, worst first   DATASET ROOT SPLIT [CAMS LABELS OUT JOBS]"
-	@echo "  make train         train MODEL=weclip|deeplab         DATASET ROOT LABELS [SPLIT VAL_SPLIT CLIP INIT CONFIG OUT NPROC]"
+	@echo "  make train         train MODEL=weclip|weclip-online|deeplab     DATASET ROOT LABELS [SPLIT VAL_SPLIT CLIP INIT CONFIG OUT NPROC]"
 	@echo "  make predict       label PNGs + overlays              CKPT and IMAGES, or DATASET ROOT SPLIT [OUT CLIP]"
 	@echo "  make export-mmseg  mmsegmentation dataset + config    DATASET ROOT [SPLIT VAL_SPLIT LABELS OUT]"
 	@echo "  make bench         speed figures"
@@ -66,15 +75,20 @@ test-fast:
 cams:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(LAUNCH) -m stages.cams $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--out,$(OUT)) \
-		$(call opt,--prompt,$(PROMPT)) $(ARGS)
+	$(LAUNCH) -m stages.cams --method $(METHOD) $(DATA_FLAGS) --clip $(call q,$(CLIP)) \
+		--out $(call q,$(or $(OUT),$(CAMS_DIR))) $(call opt,--prompt,$(PROMPT)) $(ARGS)
 
 # CAMs and CRF pseudo labels in one pass, without keeping CAM files (COCO-sized runs)
 cams-pseudo:
 	$(NEED_ROOT)
 	$(NEED_CLIP)
-	$(PY) -m stages.cams $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--prompt,$(PROMPT)) \
-		--pseudo-out $(call q,$(or $(OUT),outputs/$(DATASET)/pseudo)) --no-keep-cams $(call opt,-j,$(JOBS)) $(ARGS)
+	$(PY) -m stages.cams --method $(METHOD) $(DATA_FLAGS) --clip $(call q,$(CLIP)) $(call opt,--prompt,$(PROMPT)) \
+		--pseudo-out $(call q,$(or $(OUT),$(PSEUDO_DIR))) --no-keep-cams $(call opt,-j,$(JOBS)) $(PAR_FLAG) $(ARGS)
+
+# ExCEL's attribute bank from data/descriptions/<dataset>.json -> outputs/<dataset>/attributes.npz
+attributes:
+	$(NEED_CLIP)
+	$(PY) -m stages.attributes --dataset $(DATASET) --clip $(call q,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 
 prompts:
 	$(NEED_ROOT)
@@ -83,8 +97,8 @@ prompts:
 
 pseudo:
 	$(NEED_ROOT)
-	$(PY) -m stages.pseudo $(DATA_FLAGS) $(call opt,--cams,$(CAMS)) $(call opt,--out,$(OUT)) \
-		$(call opt,-j,$(JOBS)) $(ARGS)
+	$(PY) -m stages.pseudo $(DATA_FLAGS) --cams $(call q,$(CAMS_DIR)) --out $(call q,$(or $(OUT),$(PSEUDO_DIR))) \
+		$(call opt,-j,$(JOBS)) $(PAR_FLAG) $(ARGS)
 
 eval:
 	$(NEED_ROOT)
@@ -92,14 +106,14 @@ ifeq ($(WHAT),model)
 	$(PY) -m stages.evaluate_model --checkpoint $(call q,$(or $(CKPT),$(RUN))) $(DATA_FLAGS) \
 		$(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 else
-	$(PY) -m stages.eval --what $(WHAT) $(DATA_FLAGS) $(call opt,--cams,$(CAMS)) $(call opt,--pseudo,$(LABELS)) \
+	$(PY) -m stages.eval --what $(WHAT) $(DATA_FLAGS) --cams $(call q,$(CAMS_DIR)) --pseudo $(call q,$(PSEUDO_DIR)) \
 		$(call opt,--out,$(OUT)) $(call opt,-j,$(JOBS)) $(ARGS)
 endif
 
 viz:
 	$(NEED_ROOT)
-	$(PY) -m stages.viz $(DATA_FLAGS) $(call opt,--cams,$(CAMS)) $(call opt,--pseudo,$(LABELS)) \
-		$(call opt,--out,$(OUT)) $(call opt,-j,$(JOBS)) $(ARGS)
+	$(PY) -m stages.viz $(DATA_FLAGS) --cams $(call q,$(CAMS_DIR)) --pseudo $(call q,$(PSEUDO_DIR)) \
+		$(call opt,--out,$(or $(OUT),$(if $(METHOD_DIR),outputs/$(DATASET)/viz$(METHOD_DIR)))) $(call opt,-j,$(JOBS)) $(ARGS)
 
 train:
 	$(NEED_ROOT)

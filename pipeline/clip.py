@@ -2,7 +2,8 @@
 
 Loads OpenAI checkpoints as distributed (TorchScript archive such as ``ViT-B-16.pt``) or as a
 plain ``state_dict``, infers the architecture from the weights, and exposes per-block tokens,
-attention (per head or head-averaged) and q/k/v on request, for any ``h x w`` patch grid.
+attention (per head or head-averaged) and q/k/v on request, for any ``h x w`` patch grid, and runs
+ExCEL's calibrated forward (``forward_calibrated``).
 """
 from __future__ import annotations
 
@@ -55,6 +56,21 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     return logits.softmax(dim=-1)
 
 
+def intra_correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      relation: torch.Tensor | None = None) -> torch.Tensor:
+    """ExCEL's static visual calibration map (CVPR 2025): each token attends to tokens that resemble
+    it in query, key and value space rather than to those its query selects.
+
+    q, k, v (B, H, L, d) -> S (B, L, L) = Σ_h ⅓[softmax(q_h q_hᵀ/√d) + softmax(k_h k_hᵀ/√d) +
+    softmax(v_h v_hᵀ/√d)] (+ ``relation`` (B, n, n) on every head's patch-patch block, n = L - 1,
+    before the head sum). Heads are summed, not averaged, as in the reference (rows sum to H).
+    """
+    s = (attention_weights(q, q) + attention_weights(k, k) + attention_weights(v, v)) / 3
+    if relation is not None:
+        s = s + F.pad(relation, (1, 0, 1, 0)).unsqueeze(1).to(s.dtype)  # zero CLS row and column
+    return s.sum(dim=1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj``), batch-first, optionally returning weights and q/k/v."""
@@ -73,8 +89,7 @@ class Attention(nn.Module):
         ``weights``: None (fast fused kernel, attn None), 'mean' (B, L, L) head-averaged, or
         'heads' (B, H, L, L). ``qkv``: (q, k, v) each (B, H, L, 64), q unscaled, or None.
         """
-        B, L, D = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project_qkv(x)
         attn = None
         if weights is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -82,8 +97,18 @@ class Attention(nn.Module):
             a = attention_weights(q, k, mask)
             out = a @ v
             attn = a.mean(dim=1) if weights == "mean" else a
-        out = self.out_proj(out.transpose(1, 2).reshape(B, L, D))
-        return out, attn, ((q, k, v) if return_qkv else None)
+        return self.merge_heads(out), attn, ((q, k, v) if return_qkv else None)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, D) -> q, k, v each (B, H, L, 64), q unscaled."""
+        B, L, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, -1)
+        return tuple(qkv.permute(2, 0, 3, 1, 4))
+
+    def merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head values (B, H, L, 64) -> concatenated and output-projected (B, L, D)."""
+        B, H, L, d = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * d))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -130,6 +155,25 @@ class Intermediates:
     qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class Calibrated:
+    """What ``VisionTransformer.forward_calibrated`` returns.
+
+    tokens: (B, L, D) calibrated path after the last block, its CLS token taken from the original
+        path (ln_post and the projection not applied yet).
+    attentions: per-block attention of the original path, keyed by 0-based block index, (B, L, L):
+        head mean for plain blocks; head sum (the reference's) or mean for calibrated blocks.
+    features: with ``features=True`` the per-block maps ExCEL's decoder reads, one per block, (B, L, D),
+        as the reference's in-place updates leave them: block outputs before the first calibrated
+        block; then the final calibrated path; then, for each later calibrated block but the last, its
+        output plus the next block's attention residual; then the last block's output.
+    """
+
+    tokens: torch.Tensor
+    attentions: dict[int, torch.Tensor] = field(default_factory=dict)
+    features: list[torch.Tensor] = field(default_factory=list)
+
+
 def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(1 + g*g, D) pretrained table -> (1 + h*w, D) for grid (h, w) (SPEC 1.3): the g x g rows as
     a (1, D, g, g) image, bilinear with align_corners=False (no antialias) in fp32, CLS row kept."""
@@ -157,36 +201,44 @@ class VisionTransformer(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.transformer.resblocks
 
-    def pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Positional embedding for a (h, w) grid, cached per grid (weights are frozen)."""
-        key = (grid, self.positional_embedding.device, self.positional_embedding.dtype)
+    def pos_embed(self, grid: tuple[int, int], via: int | None = None) -> torch.Tensor:
+        """Positional embedding for a (h, w) grid, cached per grid (weights are frozen). ``via``: first
+        resize the pretrained table to a via x via grid and interpolate from that one when the grid
+        differs (ExCEL's model resizes its table to 20 x 20 when it is built)."""
+        key = (grid, via, self.positional_embedding.device, self.positional_embedding.dtype)
         if key not in self._pos_cache:
             with torch.no_grad():
-                self._pos_cache[key] = interpolate_pos_embed(self.positional_embedding, grid)
+                pos = self.positional_embedding
+                if via is not None:
+                    pos = interpolate_pos_embed(pos, (via, via))
+                self._pos_cache[key] = pos if grid == (via, via) else interpolate_pos_embed(pos, grid)
         return self._pos_cache[key]
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H', W'), H' and W' multiples of the patch size -> tokens after ln_pre (B, 1+n, D)."""
+    def embed(self, images: torch.Tensor, pos_via: int | None = None) -> torch.Tensor:
+        """images (B, 3, H', W'), H' and W' multiples of the patch size -> tokens after ln_pre (B, 1+n, D).
+        ``pos_via``: see ``pos_embed``."""
         B, _, H, W = images.shape
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
         x = self.conv1(images.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed((H // p, W // p)).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed((H // p, W // p), pos_via).to(x.dtype)
         return self.ln_pre(x)
 
     def forward_intermediates(self, images: torch.Tensor, n_blocks: int | None = None,
                               attention: str | None = None, attention_blocks: Sequence[int] | None = None,
-                              block_outputs: Sequence[int] = (), qkv_blocks: Sequence[int] = ()) -> Intermediates:
+                              block_outputs: Sequence[int] = (), qkv_blocks: Sequence[int] = (),
+                              pos_via: int | None = None) -> Intermediates:
         """Run the first ``n_blocks`` blocks (all by default) and collect what is asked for.
 
         attention: None, 'mean' or 'heads', recorded for ``attention_blocks`` (default: every block run).
         block_outputs / qkv_blocks: 0-based indices of blocks whose output / q,k,v to keep.
+        pos_via: see ``pos_embed``.
         """
         n_blocks = len(self.blocks) if n_blocks is None else n_blocks
         want_attn = set(range(n_blocks) if attention_blocks is None else attention_blocks) if attention else set()
-        out = Intermediates(tokens=self.embed(images))
+        out = Intermediates(tokens=self.embed(images, pos_via))
         x = out.tokens
         for i in range(n_blocks):
             x, attn, qkv = self.blocks[i](x, weights=attention if i in want_attn else None,
@@ -198,6 +250,54 @@ class VisionTransformer(nn.Module):
             if i in block_outputs:
                 out.blocks[i] = x
         out.tokens = x
+        return out
+
+    def forward_calibrated(self, images: torch.Tensor, calibrated: int = 5, attention_blocks: Sequence[int] = (),
+                           calibrated_attention: str = "sum", relation: torch.Tensor | None = None,
+                           features: bool = False, pos_via: int | None = None) -> Calibrated:
+        """ExCEL's static visual calibration: the last ``calibrated`` blocks run two paths at once.
+
+        The original path z runs every block as CLIP does; each calibrated block reads z only
+        (ln_1(z) -> q, k, v) and adds, besides z's own attention output, ``Proj(S v_h)`` per head with
+        S = ``intra_correlation(q, k, v, relation)`` to a second path p, which starts at z and has no
+        MLP. The result is p with z's CLS token. One forward for a batch (B, 3, H', W').
+
+        attention_blocks: 0-based blocks whose original-path attention to return, head-averaged for
+            plain blocks and reduced over heads by ``calibrated_attention`` ('sum' as the reference,
+            or 'mean') for calibrated ones.
+        relation: optional (B, n, n) added to every calibrated head's patch-patch part of S (ExCEL's
+            learnable calibration); features: also return the decoder maps (see ``Calibrated``).
+        """
+        if calibrated_attention not in ("sum", "mean"):
+            raise ValueError(f"calibrated_attention must be 'sum' or 'mean', got {calibrated_attention!r}")
+        n = len(self.blocks)
+        first = n - calibrated
+        if not 0 < first < n:
+            raise ValueError(f"calibrated blocks must be between 1 and {n - 1}, got {calibrated}")
+        inter = self.forward_intermediates(images, n_blocks=first, attention="mean",
+                                           attention_blocks=[i for i in attention_blocks if i < first],
+                                           block_outputs=range(first - 1) if features else (), pos_via=pos_via)
+        out = Calibrated(tokens=inter.tokens, attentions=inter.attentions)
+        feats = [inter.blocks[i] for i in range(first - 1)] + [None] if features else []
+        z = p = inter.tokens
+        for i in range(first, n):
+            blk = self.blocks[i]
+            attn = blk.attn
+            q, k, v = attn.project_qkv(blk.ln_1(z))
+            a = attention_weights(q, k)
+            residual = attn.merge_heads(a @ v)
+            if i in attention_blocks:
+                out.attentions[i] = a.sum(dim=1) if calibrated_attention == "sum" else a.mean(dim=1)
+            # one (L x L) @ (L x H·d) product applies the head-summed map to every head's values at once
+            p = p + attn.out_proj(intra_correlation(q, k, v, relation) @ v.transpose(1, 2).flatten(2))
+            z = z + residual
+            if features and i > first:  # the reference adds this residual in place to the stored input
+                feats.append(z)
+            z = z + blk.mlp(blk.ln_2(z))
+        if features:
+            feats[first - 1] = p  # the stored entry is the calibrated path itself, updated in place
+            out.features = feats + [z]
+        out.tokens = torch.cat([z[:, :1], p[:, 1:]], dim=1)
         return out
 
     def pool(self, tokens: torch.Tensor, mode: str = "cls") -> torch.Tensor:

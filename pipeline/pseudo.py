@@ -1,4 +1,4 @@
-"""Pseudo-label stage: CAM files -> dense CRF -> one label PNG per image (SPEC 5.3).
+"""Pseudo-label stage: CAM files -> dense CRF (CLIP-ES) or PAR (ExCEL) -> one label PNG per image (SPEC 5.3).
 
 ``pseudo_label`` labels one in-memory image (the CAM stage can call it without writing CAM files);
 ``run_pseudo`` runs a whole split: one image per task in joblib worker processes that read their own
@@ -43,8 +43,13 @@ class PseudoConfig:
     backend: str = "auto"              # dense CRF backend: 'auto' | 'torch' | 'pydensecrf' (see crf.resolve_backend)
     max_pixels: int | None = DEFAULT_MAX_PIXELS      # larger images: CRF at a reduced size (crf.crf_scores)
     device: str = "cpu"                # where the torch backend runs (not part of the manifest)
+    refine: str = "crf"                # 'crf' (CLIP-ES) or 'par' (ExCEL: PAR with the image, argmax, no 255)
+    par_input_size: int | None = None  # PAR guide: the image at this square size (ExCEL's 320), 0 its own size;
+                                       # None: the CAM stage's input size, read from its manifest
 
     def __post_init__(self) -> None:
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         if self.confidence not in crf.CONFIDENCE_RULES:
             raise ValueError(f"confidence must be one of {crf.CONFIDENCE_RULES}, got {self.confidence!r}")
         if self.guide not in crf.GUIDES:
@@ -75,17 +80,53 @@ class PseudoConfig:
         return d
 
 
+REFINES = ("crf", "par")
+
+
+def resolve_par(cfg: PseudoConfig, cams_config: Any) -> PseudoConfig:
+    """Fill ``par_input_size`` from the CAM stage's manifest config: the square size its images were
+    resized to (ExCEL's --input-size), else 0 (the image at its own size)."""
+    if cfg.refine != "par" or cfg.par_input_size is not None:
+        return cfg
+    cam = cams_config.get("cam") if isinstance(cams_config, dict) else None
+    size = cam.get("input_size") if isinstance(cam, dict) else None
+    return replace(cfg, par_input_size=int(size or 0))
+
+
 # ------------------------------------------------------------------------------- one image
 def pseudo_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray,
                  cfg: PseudoConfig = PseudoConfig()) -> np.ndarray:
     """RGB uint8 (H, W, 3), keys int (K,), patch-resolution CAMs float (K, h, w) -> uint8 (H, W) label
     (0 background, c + 1 class c, 255 low confidence). CAMs are upsampled to float16 exactly as the
-    reference's CAM files held them, then refined by the dense CRF."""
+    reference's CAM files held them, then refined by the dense CRF (or by PAR, see ``par_label``)."""
+    if cfg.refine == "par":
+        return par_label(image_rgb, keys, cams_patch, cfg.par_input_size or 0, cfg.power)
     H, W = image_rgb.shape[:2]
     cams = upsample_cams(cams_patch, (H, W))
     return crf.refine(image_rgb, keys, cams, params=cfg.crf, guide=cfg.guide, conf=cfg.conf,
                       confidence=cfg.confidence, power=cfg.power, backend=cfg.backend, device=cfg.device,
                       max_pixels=cfg.max_pixels)
+
+
+def par_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray, input_size: int = 0,
+              power: float = 1.0) -> np.ndarray:
+    """ExCEL's training-free labels: CAMs (K, h, w) upsampled (OpenCV bilinear, float32) to the image
+    (H, W), background (1 - max)^power in front, refined by PAR guided by the normalised image (at
+    ``input_size`` square when non-zero, as the reference's 320 x 320 input, resized to (H, W) by PAR),
+    argmax -> uint8 (H, W) labels 0 / c + 1, no 255."""
+    import torch
+
+    from .cams.excel import preprocess
+    from .par import par
+
+    H, W = image_rgb.shape[:2]
+    cams = upsample_cams(cams_patch, (H, W), np.float32)
+    scores = np.concatenate([(1 - cams.max(axis=0, keepdims=True)) ** power, cams])
+    guide = preprocess(image_rgb, (input_size, input_size) if input_size else (H, W))
+    with torch.no_grad():
+        refined = par(guide[None], torch.from_numpy(scores)[None])[0]
+    keys_ext = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)
+    return keys_ext[refined.argmax(dim=0).numpy()]
 
 
 def load_cams_for(cam_path: str | Path, image_size: tuple[int, int], num_classes: int,
@@ -210,7 +251,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
     """
     cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
-    cfg = for_dataset(cfg, dataset).resolved()
+    cfg = for_dataset(resolve_par(cfg, _cams_provenance(cams_dir)), dataset).resolved()
     if cfg.in_process:
         n_jobs = 1
     config = stage_config(dataset, cams_dir, cfg)
@@ -264,7 +305,7 @@ class StreamingLabeller:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        cfg = for_dataset(cfg, dataset).resolved()
+        cfg = for_dataset(resolve_par(cfg, cams_config), dataset).resolved()
         self.dataset, self.out, self.cfg = dataset, Path(out_dir), cfg
         self.config = {"stage": "pseudo", "dataset": dataset.name, "root": str(dataset.root.resolve()),
                        "classes": list(dataset.classes.names), "cams": "streamed from the CAM stage",

@@ -1,4 +1,5 @@
-"""The CAM stage: a dataset split -> one ``<out>/<image_id>.npz`` per image (see ``camfile``).
+"""The CAM stage: a dataset split -> one ``<out>/<image_id>.npz`` per image (see ``camfile``), by
+one of the CAM methods of ``pipeline.cams`` (CLIP-ES or ExCEL).
 
 Resumable (finished images are skipped), refuses to mix configurations (``manifest.json``),
 logs per-image failures to ``errors.json`` while the rest completes, shards by rank under
@@ -21,11 +22,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from .cam import CAMConfig, CAMEngine
 from .camfile import save_cams
-from .clip import load_clip, resolve_device
+from .cams import get_method
+from .clip import PRECISIONS, load_clip, resolve_device
 from .datasets import Dataset, SampleError, build_dataset
-from .image import DEFAULT_MAX_PATCHES, ImageError, load_for_model
+from .image import DEFAULT_MAX_PATCHES, ImageError
 from .io import check_manifest, check_output_folder, sha256_file, write_errors, write_json, write_manifest
 from .prompts import best_template
 
@@ -39,20 +40,21 @@ class CamsConfig:
     split: str
     clip: str
     out: str
+    method: str = "clipes"            # CAM method: 'clipes' or 'excel' (pipeline/cams)
     classes: str | None = None        # class YAML (required for 'folder')
     labels: str | None = None         # labels file (VOC: else Annotations/*.xml)
     masks: str | None = None          # folder dataset: ground-truth masks
     save_init: bool = False
     device: str = "auto"
-    precision: str = "auto"           # fp32 on CPU, fp16 on CUDA (as the reference)
+    precision: str = "auto"           # fp32 on CPU; on CUDA the method's reference dtype (CLIP-ES fp16, ExCEL fp32)
     batch_size: int = 0               # 0: 1 on CPU, 16 on CUDA
     workers: int = 2
     overwrite: bool = False
     exact: bool = True                # reproduce reference quirks (SPEC 10)
     max_patches: int = DEFAULT_MAX_PATCHES
     exif_transpose: bool = False
-    box_threshold: float | None = None  # default: the class list's (VOC 0.4, COCO 0.7)
-    cam_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other CAMConfig fields (ablations)
+    box_threshold: float | None = None  # default: CLIP-ES the class list's (VOC 0.4, COCO 0.7), ExCEL 0.79
+    cam_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other fields of the method's config
     prompt_ranking: str | None = None   # ranking.csv of `make prompts`, read for template 'best'
     pseudo_out: str | None = None       # also write pseudo labels here, straight from the CAMs (cams-pseudo)
     pseudo: Any = None                  # pseudo.PseudoConfig for them (default: the reference's)
@@ -74,8 +76,8 @@ class Summary:
 class _Images(TorchDataset):
     """Loads and preprocesses one image per item; failures become records, not exceptions."""
 
-    def __init__(self, data: Dataset, ids: list[str], cfg: CamsConfig):
-        self.data, self.ids, self.cfg = data, ids, cfg
+    def __init__(self, data: Dataset, ids: list[str], load):
+        self.data, self.ids, self.load = data, ids, load
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -84,8 +86,7 @@ class _Images(TorchDataset):
         image_id = self.ids[i]
         try:
             labels = self.data.labels(image_id)
-            image, size = load_for_model(self.data.image_path(image_id), self.cfg.max_patches, self.cfg.exact,
-                                         self.cfg.exif_transpose)
+            image, size = self.load(self.data.image_path(image_id))
             return {"id": image_id, "labels": labels, "image_size": size, "image": image}
         except (SampleError, ImageError, OSError, ValueError) as e:
             return {"id": image_id, "error": str(e)}
@@ -130,14 +131,14 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def manifest_config(cfg: CamsConfig, data: Dataset, ckpt_sha: str, cam_cfg: CAMConfig, dtype: torch.dtype) -> dict:
+def manifest_config(cfg: CamsConfig, data: Dataset, ckpt_sha: str, cam_cfg: dict, dtype: torch.dtype) -> dict:
     """The settings that determine the numbers in the files (not where or how fast they were made)."""
     c = data.classes
     return {"stage": "cams", "dataset": cfg.dataset, "checkpoint_sha256": ckpt_sha,
             "labels": str(Path(cfg.labels).resolve()) if cfg.labels else None,
             "labels_sha256": sha256_file(cfg.labels) if cfg.labels else None,
             "classes": list(c.names), "prompts": list(c.prompts), "background": list(c.background),
-            "template": c.template, "cam": dataclasses.asdict(cam_cfg), "precision": str(dtype).removeprefix("torch."),
+            "template": c.template, "method": cfg.method, "cam": cam_cfg, "precision": str(dtype).removeprefix("torch."),
             "max_patches": cfg.max_patches, "exif_transpose": cfg.exif_transpose, "save_init": cfg.save_init}
 
 
@@ -150,7 +151,10 @@ def run_cams(cfg: CamsConfig) -> Summary:
         raise ValueError("not keeping the CAM files only makes sense with --pseudo-out")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    method = get_method(cfg.method)
     device, dtype = resolve_device(cfg.device, cfg.precision, local_rank)
+    if cfg.precision == "auto" and device.type == "cuda":
+        dtype = PRECISIONS[method.CUDA_PRECISION]
     out = check_output_folder(cfg.out)
     if cfg.pseudo_out:
         check_output_folder(cfg.pseudo_out)
@@ -159,10 +163,9 @@ def run_cams(cfg: CamsConfig) -> Summary:
     options = dict(cfg.cam_options)
     if options.get("template") == "best":
         options["template"] = best_template(cfg.prompt_ranking or f"outputs/{cfg.dataset}/prompts/ranking.csv")
-    cam_cfg = CAMConfig(box_threshold=data.classes.box_threshold if cfg.box_threshold is None else cfg.box_threshold,
-                        exact=cfg.exact, **options)
+    cam_cfg = method.make_config(cfg.dataset, data.classes, cfg.exact, cfg.box_threshold, options)
     ckpt_sha = sha256_file(cfg.clip)
-    config = manifest_config(cfg, data, ckpt_sha, cam_cfg, dtype)
+    config = manifest_config(cfg, data, ckpt_sha, method.manifest(cam_cfg), dtype)
     resume = check_manifest(out, config, cfg.overwrite, outputs="*.npz") if cfg.keep_cams else False
     labeller = None
     if cfg.pseudo_out:
@@ -184,13 +187,14 @@ def run_cams(cfg: CamsConfig) -> Summary:
     _barrier(world)
 
     model = load_clip(cfg.clip, device=device, dtype=dtype)
-    engine = CAMEngine(model, data.classes, cam_cfg)
+    engine = method.build_engine(model, data.classes, cam_cfg)
     shard = shard_ids(ids, rank, world)
     todo = [i for i in shard if not ((not cfg.keep_cams or (out / f"{i}.npz").exists())
                                      and (labeller is None or labeller.finished(i)))]
     summary = Summary(total=len(shard), skipped=len(shard) - len(todo))
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
-    loader = DataLoader(_Images(data, todo, cfg), batch_size=None, num_workers=cfg.workers,
+    load = method.image_loader(cam_cfg, cfg.max_patches, cfg.exif_transpose)
+    loader = DataLoader(_Images(data, todo, load), batch_size=None, num_workers=cfg.workers,
                         prefetch_factor=4 if cfg.workers else None)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
@@ -217,7 +221,7 @@ def run_cams(cfg: CamsConfig) -> Summary:
     return summary
 
 
-def _compute(engine: CAMEngine, batch: list[dict], device, dtype, errors: dict[str, str]):
+def _compute(engine, batch: list[dict], device, dtype, errors: dict[str, str]):
     """Yield (item, CAMResult); a batch that fails is retried image by image so one bad image
     cannot take its batch mates down."""
     if not batch:

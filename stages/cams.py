@@ -1,6 +1,7 @@
-"""make cams: training-free CLIP-ES CAMs for a dataset split.
+"""make cams: training-free CAMs for a dataset split, by CLIP-ES (default) or ExCEL (--method excel).
 
     python -m stages.cams --dataset voc --root ~/data/VOC2012 --split train_aug --clip ~/models/ViT-B-16.pt
+    python -m stages.cams --method excel --dataset voc --root ~/data/VOC2012 --split train --clip ~/models/ViT-B-16.pt
     torchrun --nproc_per_node 4 -m stages.cams ...      # shards the images over 4 processes
 """
 from __future__ import annotations
@@ -24,14 +25,17 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
                    help="split shipped in data/splits/<dataset>/ (voc: train, train_aug, val) or a path to an id list; "
                         "default: train_aug (voc), train (coco), every labelled image (folder)")
     p.add_argument("--clip", required=True, help="OpenAI CLIP ViT checkpoint (ViT-B-16.pt) or a state_dict file")
-    p.add_argument("--out", default=None, help="output folder (default outputs/<dataset>/cams)")
+    p.add_argument("--method", choices=["clipes", "excel"], default="clipes",
+                   help="CAM method: CLIP-ES (GradCAM + CAA) or ExCEL (calibrated patch-text CAMs, no gradients)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/<dataset>/cams, ExCEL: .../cams_excel)")
     p.add_argument("--classes", default=None, help="class list YAML (default data/<dataset>.yaml; required for folder)")
     p.add_argument("--labels", default=None, help="image-level labels file: JSON/CSV id -> names, or '<id> <label>...' lines")
     p.add_argument("--masks", default=None, help="folder dataset: folder of <id>.png ground-truth masks")
-    p.add_argument("--save-init", action="store_true", help="also store the GradCAM maps before CAA (cams_init)")
+    p.add_argument("--save-init", action="store_true",
+                   help="also store the maps before refinement (cams_init): GradCAM (CLIP-ES) or static patch-text CAMs (ExCEL)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="model precision (auto: fp16 on CUDA like the reference, fp32 on CPU)")
+                   help="model precision (auto: on CUDA the method's reference dtype, CLIP-ES fp16, ExCEL fp32; fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=0, help="images per forward, same-size images are grouped (0: auto)")
     p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
     p.add_argument("--overwrite", action="store_true",
@@ -42,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
     p.add_argument("--max-patches", type=int, default=CamsConfig.max_patches,
                    help="larger images are scaled down for the model to at most this many 16x16 patches")
     p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: VOC/COCO masks use stored pixels)")
-    p.add_argument("--box-threshold", type=float, default=None, help="CAA box threshold (default 0.4 VOC, 0.7 COCO)")
+    p.add_argument("--box-threshold", type=float, default=None,
+                   help="box threshold of the refinement (default CLIP-ES 0.4 VOC, 0.7 COCO; ExCEL 0.79)")
     p.add_argument("--prompt", default=None,
                    help="prompt template with '{}' (default: the class list's, 'a clean origami {}.'), or 'best' "
                         "for the top template of `make prompts` (see --prompt-ranking)")
@@ -57,6 +62,17 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
                      help="synonym fusion: one sentence (reference), mean embedding, or mean CAM")
     abl.add_argument("--affinity", choices=["caa", "mhsa", "none"], default="caa",
                      help="refinement: class-aware attention affinity, plain attention, or none")
+    ex = p.add_argument_group("ExCEL (--method excel)")
+    ex.add_argument("--input-size", type=int, default=None,
+                    help="square input side for every image, e.g. 320 as the reference (default: each image's own "
+                         "aspect, sides rounded up to multiples of 16)")
+    ex.add_argument("--descriptions", default=None,
+                    help="knowledge base JSON (class -> list of visual descriptions); default data/descriptions/<dataset>.json")
+    ex.add_argument("--attribute-bank", default=None,
+                    help="saved attribute bank (make attributes, or the reference's .pth) instead of clustering the descriptions")
+    ex.add_argument("--attributes", type=int, default=None, help="attribute bank size B (default 112 VOC, 224 COCO)")
+    ex.add_argument("--no-tse", action="store_true", help="plain class prompts, no text semantic enrichment")
+    ex.add_argument("--calibrated-blocks", type=int, default=None, help="final blocks with calibrated attention (default 5)")
     ps = p.add_argument_group("pseudo labels straight from the CAMs (make cams-pseudo)")
     ps.add_argument("--pseudo-out", default=None, help="also write CRF pseudo-label PNGs here as CAMs are computed")
     ps.add_argument("--no-keep-cams", action="store_true", help="with --pseudo-out: write no CAM files at all")
@@ -64,12 +80,26 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
     add_pseudo_args(ps)
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    cam_options = {k: v for k, v in {
-        "template": a.prompt, "softmax": not a.no_softmax, "softmax_set": a.softmax_set,
-        "background": not a.no_background, "synonyms": not a.no_synonyms, "fusion": a.fusion,
-        "affinity": a.affinity}.items() if v is not None}
+    clipes = {"softmax": not a.no_softmax, "softmax_set": a.softmax_set, "background": not a.no_background,
+              "synonyms": not a.no_synonyms, "fusion": a.fusion, "affinity": a.affinity}
+    excel = {"input_size": a.input_size, "descriptions": a.descriptions, "attribute_bank": a.attribute_bank,
+             "attributes": a.attributes, "tse": False if a.no_tse else None, "calibrated_blocks": a.calibrated_blocks}
+    if a.method == "excel":
+        defaults = {"softmax": True, "softmax_set": "present", "background": True, "synonyms": True,
+                    "fusion": "sentence", "affinity": "caa"}
+        changed = [k for k, v in clipes.items() if v != defaults[k]]
+        if changed:
+            p.error(f"CLIP-ES ablation flags do not apply to --method excel ({', '.join(changed)})")
+        cam_options = excel
+    else:
+        if any(v is not None for v in excel.values()):
+            p.error("--input-size, --descriptions, --attribute-bank, --attributes, --no-tse and --calibrated-blocks "
+                    "are ExCEL options: add --method excel")
+        cam_options = clipes
+    cam_options = {k: v for k, v in {"template": a.prompt, **cam_options}.items() if v is not None}
     split = a.split or {"voc": "train_aug", "coco": "train", "folder": "all"}[a.dataset]
-    return CamsConfig(dataset=a.dataset, root=a.root, split=split, clip=a.clip, out=a.out or f"outputs/{a.dataset}/cams",
+    out = a.out or f"outputs/{a.dataset}/{'cams' if a.method == 'clipes' else 'cams_excel'}"
+    return CamsConfig(dataset=a.dataset, root=a.root, split=split, clip=a.clip, out=out, method=a.method,
                       classes=a.classes, labels=a.labels, masks=a.masks, save_init=a.save_init, device=a.device,
                       precision=a.precision, batch_size=a.batch_size, workers=a.workers, overwrite=a.overwrite,
                       exact=not a.fixed, max_patches=a.max_patches, exif_transpose=a.exif_transpose,

@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cams: CAA-refined ('attn', tau in {1,2}); cams_init: GradCAM before CAA (tau 1..10)")
     p.add_argument("--bg", default="power", choices=("power", "const"), help="background: (1 - max)^tau or constant tau")
     p.add_argument("--taus", default=None, help="comma-separated values to sweep instead of the default set")
-    p.add_argument("--out", default=None, help="report folder (default outputs/<dataset>/eval/<what>_<split>)")
+    p.add_argument("--out", default=None, help="report folder (default outputs/<dataset>/eval/<CAM or label folder name>_<split>)")
     p.add_argument("--overwrite", action="store_true", help="replace tables made with other options or inputs")
     return p.parse_args(argv)
 
@@ -43,10 +43,12 @@ def main(argv=None) -> int:
     try:
         ds, ids = open_dataset(args)
         split = Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
-        out = Path(args.out) if args.out else outputs(args.dataset, "eval") / f"{args.what}_{split}"
         names = ["background", *ds.classes.names]
         args.cams = str(Path(args.cams or outputs(args.dataset, "cams")).resolve())
         args.pseudo = str(Path(args.pseudo or outputs(args.dataset, "pseudo")).resolve())
+        # named after the evaluated folder, so cams_excel's tables never meet cams'
+        source = Path(args.cams if args.what == "cams" else args.pseudo).name
+        out = Path(args.out) if args.out else outputs(args.dataset, "eval") / f"{source}_{split}"
         args.root = str(Path(args.root).resolve())
         config = {"stage": "eval", **{k: v for k, v in vars(args).items()
                                       if k not in ("jobs", "no_progress", "out", "overwrite")}}

@@ -6,6 +6,7 @@ Defaults reproduce CLIP-ES's eval_cam_with_crf.py (--crf-preset clipes: wrapped 
 confidence 0.95, GT required); --crf-preset, --guide, --confidence raw|none and --no-require-gt change that.
 --crf-backend auto runs the dense CRF with PyTorch on a GPU, with pydensecrf on the CPU (PyTorch when
 pydensecrf is not installed); images above --crf-max-pixels are labelled from a scaled-down CRF.
+--refine par labels as ExCEL does instead: PAR guided by the image, argmax, no 255.
 Exit status: 0 all labelled, 1 some images failed (see errors.json), 2 bad arguments or stale outputs.
 """
 from __future__ import annotations
@@ -22,6 +23,12 @@ def add_pseudo_args(p: argparse.ArgumentParser) -> None:
     from pipeline.crf import BACKENDS, CONFIDENCE_RULES, DEFAULT_MAX_PIXELS, GUIDES, PRESETS
     from pipeline.labelio import FORMATS
 
+    p.add_argument("--refine", choices=("crf", "par"), default="crf",
+                   help="crf: CLIP-ES's dense CRF with confidence mask; par: ExCEL's pixel-adaptive refinement "
+                        "(background 1 - max, PAR with the image, argmax, no 255)")
+    p.add_argument("--par-input-size", type=int, default=None,
+                   help="PAR guide: the image resized to this square first (ExCEL: 320); 0: its own size; "
+                        "default: the CAM stage's --input-size, from its manifest")
     p.add_argument("--conf", type=float, default=0.95, help="confidence below which a pixel becomes 255")
     p.add_argument("--confidence", choices=CONFIDENCE_RULES, default="crf",
                    help="crf: max CRF marginal (reference code); raw: paper's max(1-max X, max X) on raw CAMs; "
@@ -64,7 +71,8 @@ def pseudo_config(args: argparse.Namespace, device: str = "cpu"):
     params = replace(pre.params, **{k: v for k, v in given.items() if v is not None})
     return PseudoConfig(conf=args.conf, confidence=args.confidence, guide=args.guide or pre.guide, power=args.power,
                         crf=params, format=args.format, require_gt=not args.no_require_gt, preset=args.crf_preset,
-                        backend=args.crf_backend, max_pixels=args.crf_max_pixels or None, device=str(device))
+                        backend=args.crf_backend, max_pixels=args.crf_max_pixels or None, device=str(device),
+                        refine=args.refine, par_input_size=args.par_input_size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

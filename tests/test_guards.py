@@ -87,6 +87,29 @@ def _changes_outputs(tmp) -> dict[str, list[str]]:
         "--no-synonyms": ["--no-synonyms"],
         "--fusion": ["--fusion", "feature"],
         "--affinity": ["--affinity", "mhsa"],
+        "--method": ["--method", "excel", "--attributes", "20"],
+    }
+
+
+def _changes_excel_outputs(tmp) -> dict[str, list[str]]:
+    """Every ExCEL-only flag of ``stages.cams`` (checked against an ExCEL run) -> a changed setting."""
+    from pipeline.cams import tse
+    from pipeline.clip import load_clip
+
+    voc = builtin("voc")
+    descriptions = json.loads(open("data/descriptions/voc.json").read())
+    descriptions["cat"] = descriptions["cat"][:-1]
+    (tmp / "descriptions.json").write_text(json.dumps(descriptions))
+    model = load_clip(tmp / "other.pt")  # written by _changes_outputs; any CLIP of the right width makes a bank
+    bank = tse.build_bank(model, voc, tse.load_descriptions("data/descriptions/voc.json", voc), 20)
+    tse.save_bank(tmp / "bank.npz", bank)
+    return {
+        "--input-size": ["--input-size", "32"],
+        "--calibrated-blocks": ["--calibrated-blocks", "3"],
+        "--no-tse": ["--no-tse"],
+        "--attributes": ["--attributes", "21"],
+        "--descriptions": ["--descriptions", str(tmp / "descriptions.json")],
+        "--attribute-bank": ["--attribute-bank", str(tmp / "bank.npz")],
     }
 
 
@@ -95,7 +118,7 @@ def _changes_outputs(tmp) -> dict[str, list[str]]:
 NEUTRAL = {"--help", "--root", "--split", "--out", "--device", "--batch-size", "--workers", "--overwrite",
            "--no-progress", "--pseudo-out", "--no-keep-cams", "--jobs", "--conf", "--confidence", "--guide",
            "--format", "--power", "--crf-iters", "--pos-xy", "--pos-w", "--bi-xy", "--bi-rgb", "--bi-w",
-           "--no-require-gt", "--crf-backend", "--crf-preset", "--crf-max-pixels",
+           "--no-require-gt", "--crf-backend", "--crf-preset", "--crf-max-pixels", "--refine", "--par-input-size",
            "--dataset",  # picks the layout the ids are read from; recorded in the manifest (checked below)
            "--masks"}    # ground-truth masks of the folder dataset: used for evaluation, not for CAMs
 
@@ -119,14 +142,19 @@ def _cams_flags(monkeypatch) -> set[str]:
 def test_every_cam_stage_flag_that_changes_outputs_is_in_the_manifest(cams_run, monkeypatch):
     tmp, base = cams_run
     changes = _changes_outputs(tmp)
+    excel_changes = _changes_excel_outputs(tmp)
     flags = _cams_flags(monkeypatch)
-    unclassified = flags - set(changes) - NEUTRAL
+    unclassified = flags - set(changes) - set(excel_changes) - NEUTRAL
     assert not unclassified, f"decide whether {unclassified} change the CAM files (then add them to the manifest)"
-    assert set(changes) <= flags and NEUTRAL <= flags
+    assert set(changes) | set(excel_changes) <= flags and NEUTRAL <= flags
+    excel_base = [a if a != str(tmp / "cams") else str(tmp / "cams_excel") for a in base] + changes["--method"]
+    s = run_cams(cams_stage.parse_args(excel_base))
+    assert (s.written, s.failed) == (2, 0)
     accepted = []
-    for flag, extra in changes.items():
+    for flag, extra in [*((f, base + e) for f, e in changes.items()),
+                        *((f, excel_base + e) for f, e in excel_changes.items())]:
         try:
-            run_cams(cams_stage.parse_args(base + extra))
+            run_cams(cams_stage.parse_args(extra))
         except StaleOutputError as e:
             assert "different configuration" in str(e), (flag, e)
         else:
@@ -243,7 +271,7 @@ def test_documented_defaults():
     assert dataclasses.asdict(PseudoConfig()) == {
         "conf": 0.95, "confidence": "crf", "guide": "wrapped", "power": 1.0, "format": "palette", "require_gt": True,
         "preset": "clipes", "backend": "auto", "device": "cpu", "max_pixels": 1_000_000,
-        "crf": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0, "bi_w": 4.0}}
+        "refine": "crf", "par_input_size": None, "crf": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0, "bi_w": 4.0}}
     # the stage with no flags gives the same config
     args = pseudo_stage.parse_args(["--dataset", "voc", "--root", "somewhere"])
     assert pseudo_stage.pseudo_config(args) == PseudoConfig()
