@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT
 from pipeline import synthetic
@@ -82,6 +84,25 @@ def check_eval(what):
         assert summary["images"] == N_TRAIN and (folder / "per_class.csv").is_file()
         assert f"tables: outputs/voc/eval/{what}_train/per_class" in proc.stdout
     return check
+
+
+def check_attributes(ctx, proc):
+    bank = ctx.work / "outputs" / "voc" / "attributes.npz"
+    with np.load(bank, allow_pickle=False) as z:
+        assert z["membership"].shape == (20, 112) and z["centres"].shape[0] == 112  # 20 classes, 112 attributes
+
+
+def check_cams_excel(ctx, proc):
+    cams = ctx.work / "outputs" / "voc" / "cams_excel"
+    assert _files(cams, "*.npz") == set(ctx.train_ids)
+    assert json.loads((cams / "manifest.json").read_text())["config"]["method"] == "excel"
+
+
+def check_pseudo_excel(ctx, proc):
+    pseudo = ctx.work / "outputs" / "voc" / "pseudo_excel"
+    assert _files(pseudo, "*.png") == set(ctx.train_ids)
+    assert json.loads((pseudo / "manifest.json").read_text())["config"]["refine"] == "par"
+    assert all(255 not in np.array(Image.open(p)) for p in pseudo.glob("*.png"))  # PAR labels have no ignore
 
 
 def check_viz(ctx, proc):
@@ -156,6 +177,10 @@ COMMANDS: dict[str, Run | Skip] = {
     "make cams ... PROMPT=best": Run(check_cams_best, {"DATASET": "voc", "ROOT": "~/data/VOC2012", "SPLIT": "train_aug",
                                                        "CLIP": "~/models/ViT-B-16.pt", "OUT": "outputs/voc/cams best"}),
     "make cams-pseudo DATASET=coco ROOT=~/data/coco CLIP=...": Run(check_cams_pseudo, {"SPLIT": "train", "JOBS": "2"}),
+    "make attributes DATASET=voc CLIP=~/models/ViT-B-16.pt": Run(check_attributes),
+    "make cams METHOD=excel DATASET=voc ROOT=~/data/VOC2012 SPLIT=train CLIP=~/models/ViT-B-16.pt": Run(check_cams_excel),
+    "make pseudo METHOD=excel DATASET=voc ROOT=~/data/VOC2012 SPLIT=train": Run(check_pseudo_excel),
+    "make eval METHOD=excel WHAT=pseudo DATASET=voc ROOT=~/data/VOC2012 SPLIT=train": Run(check_eval("pseudo_excel")),
     "make train MODEL=weclip DATASET=voc ROOT=~/data/VOC2012 LABELS=outputs/voc/pseudo CLIP=~/models/ViT-B-16.pt":
         Run(check_train("weclip_voc", resumed_empty=True),
             {"SPLIT": "train_aug", "VAL_SPLIT": "val", "ARGS": f"{SHORT} --resume"}),
