@@ -51,19 +51,26 @@ class WeCLIPDecoder(nn.Module):
         self.transformer = nn.ModuleList(_init_clip_block(ResidualAttentionBlock(width, heads)) for _ in range(depth))
         self.classifier = nn.Conv2d(width, num_classes, kernel_size=1)
 
-    def forward(self, feats: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    def fused(self, feats: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         """feats: ``num_blocks`` patch-token maps (B, n, in_dim), n = h*w row-major; grid (h, w)
-        -> logits (B, C, h, w) at patch resolution."""
+        -> fused features F_u (B, width, h, w) float32, after the dropout."""
         h, w = grid
         B = feats[0].shape[0]
         x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], dim=-1)   # (B, n, L*width)
         x = x.transpose(1, 2).reshape(B, -1, h, w)
-        x = self.dropout(self.fuse(x))                                                # F_u (B, width, h, w)
-        t = x.flatten(2).transpose(1, 2)                                              # (B, n, width)
+        return self.dropout(self.fuse(x))
+
+    def head(self, fused: torch.Tensor) -> torch.Tensor:
+        """F_u (B, width, h, w) -> logits (B, C, h, w): transformer refinement, 1x1 classifier."""
+        B, _, h, w = fused.shape
+        t = fused.flatten(2).transpose(1, 2)                                          # (B, n, width)
         for blk in self.transformer:
             t = blk(t)[0]
-        x = t.transpose(1, 2).reshape(B, -1, h, w)
-        return self.classifier(x)
+        return self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))
+
+    def forward(self, feats: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        """feats as ``fused`` -> logits (B, C, h, w) at patch resolution."""
+        return self.head(self.fused(feats, grid))
 
 
 class WeCLIPSeg(nn.Module):
