@@ -4,6 +4,9 @@ palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` 
 Per image: optional resize of the long side (WeCLIP: 512), then for each scale s the logits of the
 image and of its mirror (flipped back) are averaged, resized to the image size, averaged over scales,
 softmaxed; the CRF (when on) refines these probabilities with the plain RGB image as guide.
+``square`` instead resizes the whole image to a square of side square·s at each scale (ExCEL's
+protocol, preset ``excel``: 320 x {0.7, 1.0, 1.2, 1.5}, no mirror at 1.0), which distorts the aspect
+ratio; the default keeps it.
 """
 from __future__ import annotations
 
@@ -31,15 +34,22 @@ from .viz import overlay
 @dataclass(frozen=True)
 class InferConfig:
     """scales: relative to the (resized) image; long_side: resize the long side to this first (None: keep);
+    square: instead resize the image to a square of side int(square·s) at each scale s (None: keep the
+    aspect ratio); unflipped_scales: scales at which the mirrored image is not added even with ``flip``;
     window/stride: sliding-window tile and step in pixels when a side exceeds ``window`` (None: whole image);
-    crf: dense CRF on the softmax (SPEC 5.4 deeplab-pytorch parameters by default)."""
+    crf: dense CRF on the softmax (SPEC 5.4 deeplab-pytorch parameters by default); crf_preset: the
+    CRF package's named preset this model asks for (parameters and guide image; 'excel' for ExCEL),
+    None for ``crf_params``."""
 
     scales: tuple[float, ...] = (1.0, 0.75)
     flip: bool = True
     long_side: int | None = None
+    square: int | None = None
+    unflipped_scales: tuple[float, ...] = ()
     window: int | None = None
     stride: int | None = None
     crf: bool = False
+    crf_preset: str | None = None
     crf_params: CRFParams = field(default_factory=CRFParams)
     normalize: str = "imagenet"
     batch_tiles: int = 4
@@ -49,12 +59,32 @@ class InferConfig:
         d = dict(d or {})
         if "crf_params" in d and isinstance(d["crf_params"], dict):
             d["crf_params"] = CRFParams(**d["crf_params"])
-        if "scales" in d:
-            d["scales"] = tuple(float(s) for s in d["scales"])
+        for key in ("scales", "unflipped_scales"):
+            if key in d:
+                d[key] = tuple(float(s) for s in d[key] or ())
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        if self.square is not None and self.long_side is not None:
+            raise ValueError("inference: give either square (fixed square input) or long_side, not both")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Named inference protocols (``--preset``), applied over a checkpoint's stored settings.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ExCEL's test script: square 320 x {0.7, 1.0, 1.2, 1.5}, mirrored except at 1.0, its CRF when on
+    "excel": {"square": 320, "long_side": None, "scales": (0.7, 1.0, 1.2, 1.5), "flip": True,
+              "unflipped_scales": (1.0,), "window": None, "crf_preset": "excel"},
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The ``InferConfig`` fields of preset ``name``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown inference preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -93,7 +123,8 @@ def window_logits(model: nn.Module, x: torch.Tensor, window: int | None, stride:
 
 @torch.no_grad()
 def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
-    """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2."""
+    """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2
+    (logits alone at ``unflipped_scales``)."""
     H, W = x.shape[-2:]
     base = x
     if cfg.long_side:
@@ -101,9 +132,13 @@ def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Ten
         base = F.interpolate(x, size=(int(H * r), int(W * r)), mode="bilinear", align_corners=False)
     total = None
     for s in cfg.scales:
-        xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
+        if cfg.square:
+            side = int(cfg.square * s)
+            xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        else:
+            xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
         logits = window_logits(model, xs, cfg.window, cfg.stride, cfg.batch_tiles)
-        if cfg.flip:
+        if cfg.flip and s not in cfg.unflipped_scales:
             flipped = window_logits(model, xs.flip(-1), cfg.window, cfg.stride, cfg.batch_tiles)
             logits = (logits + flipped.flip(-1)) / 2
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)

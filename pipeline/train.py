@@ -36,7 +36,9 @@ from .io import code_version, write_bytes, write_json
 # Every key a config may set; YAML files and --set overrides are merged onto this.
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "weclip", "clip": None, "encoder_blocks": None, "width": 256, "heads": 8, "depth": 3,
-              "dropout": 0.1, "layers": [3, 4, 23, 3], "base_width": 64, "freeze_bn": True, "pretrained": None},
+              "dropout": 0.1, "layers": [3, 4, 23, 3], "base_width": 64, "freeze_bn": True, "pretrained": None,
+              "calibrated_blocks": 5, "attention_layers": 6, "pos_via": 20, "eval_pos_via": None, "exact": True,
+              "statistics": "batch", "relation_scale": 3.0},
     "data": {"dataset": "voc", "root": None, "classes": None, "labels": None, "masks": None,
              "split": "train_aug", "supervision": "pseudo", "pseudo": None, "val_split": "val",
              "crop": 320, "scale_range": [0.5, 2.0], "scales": None, "flip": True, "normalize": "imagenet",
@@ -47,10 +49,14 @@ DEFAULTS: dict[str, Any] = {
     "train": {"batch_size": 4, "accum": 1, "seed": 1, "loss": "ce", "amp": "auto", "device": "auto",
               "ckpt_every": 2000, "keep_checkpoints": 2, "log_every": 20, "val_every": 2000,
               "val_max_images": None},
-    "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "window": None, "stride": None,
-              "crf": False, "crf_params": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0,
+    # ExCEL's online labels (model excel): see models.excel.ExcelSchedule
+    "excel": {"dynamic_from": 14000, "segmentation_targets_from": 24000, "box_threshold": 0.79,
+              "val_box_threshold": 0.75},
+    "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],
+              "window": None, "stride": None, "crf": False, "crf_preset": None, "crf_params": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0,
                                            "bi_w": 4.0}},
-    "val": {"scales": [1.0], "flip": False, "long_side": None, "window": None, "stride": None, "crf": False},
+    "val": {"scales": [1.0], "flip": False, "long_side": None, "square": None, "window": None, "stride": None,
+            "crf": False},
 }
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE = {"data.workers", "train.ckpt_every", "train.keep_checkpoints", "train.log_every", "train.device",
@@ -117,6 +123,8 @@ def check_config(cfg: Mapping) -> None:
         raise ConfigError(f"optim.name must be adamw or sgd, got {cfg['optim']['name']!r}")
     if d["supervision"] not in ("pseudo", "gt"):
         raise ConfigError(f"data.supervision must be pseudo (labels from data.pseudo) or gt, got {d['supervision']!r}")
+    if cfg["model"]["statistics"] not in ("batch", "image"):
+        raise ConfigError(f"model.statistics must be batch or image, got {cfg['model']['statistics']!r}")
     for key, v in (("schedule.iters", s["iters"]), ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")

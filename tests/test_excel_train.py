@@ -1,0 +1,195 @@
+"""ExCEL's learnable visual calibration: model layout and parameter count, dynamic relations and
+affinity on hand-made features, the dynamic pass against a per-head restatement, the phase switches,
+the square inference preset."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import checkpoint as ckpt_io
+from pipeline.clip import CLIP, CLIPArch
+from pipeline.infer import InferConfig, msc_logits, preset
+from pipeline.models import ExcelSeg, build_model, trainable_parameters
+from pipeline.models.excel import ExcelSchedule, dynamic_relation, feature_affinity
+from pipeline.randomclip import VIT_B_16, random_clip
+from pipeline.train import ConfigError, build_optimizer, load_config
+from stages.predict import add_infer_args, infer_overrides
+
+# two heads per block, six blocks: one plain, five calibrated
+SMALL = CLIPArch(embed_dim=16, vision_width=128, vision_layers=6, patch_size=16, grid=14,
+                 context_length=77, vocab_size=49408, text_width=64, text_layers=1)
+
+
+# ---------------------------------------------------------------------------------------- layout
+def test_vit_b16_voc_layout_has_the_reference_parameter_count():
+    with torch.device("meta"):
+        model = build_model(load_config("configs/excel_voc.yaml")["model"], 21, clip=CLIP(VIT_B_16))
+    assert isinstance(model, ExcelSeg) and len(model.decoder.mlps) == 12
+    # 12 x (768*256 + 256 + 256*256 + 256) + (3072*256 + 256) + 3 x 789,760 + (256*21 + 21)
+    assert trainable_parameters(model) == 6_313_237
+    assert sum(p.numel() for p in model.decoder.fuse.parameters()) == 786_688
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"decoder"}
+    groups = build_optimizer(model, load_config("configs/excel_voc.yaml")["optim"]).param_groups
+    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(1e-3)   # 1e-4 x 10, as the reference
+
+
+def test_training_forward_gradients_and_checkpoint_without_clip():
+    model = ExcelSeg(random_clip(SMALL, seed=0), num_classes=4).train()
+    images = torch.randn(2, 3, 48, 64)
+    out = model.forward_train(images)
+    assert out.logits.shape == (2, 4, 3, 4) and out.fused.shape == (2, 256, 3, 4)
+    assert out.affinity.shape == (2, 12, 12) and len(out.encoded.features) == 6
+    assert sorted(out.encoded.attentions) == [0, 1, 2, 3, 4, 5]
+    (out.logits.square().mean() + out.affinity.mean()).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
+    state = ckpt_io.model_state(model)
+    assert state and not any(k.startswith("encoder.") for k in state)
+
+
+# ------------------------------------------------------------------------------ relations, affinity
+def _axis_features(groups):
+    """F_d (B, 2, 2, 2): image b's four patches are unit vectors along axis groups[b][i]."""
+    f = torch.zeros(len(groups), 2, 4)
+    for b, g in enumerate(groups):
+        for i, axis in enumerate(g):
+            f[b, axis, i] = 2.0 + i   # lengths differ: only directions may matter
+    return f.reshape(len(groups), 2, 2, 2)
+
+
+def test_relation_masks_the_negative_part_and_row_normalises():
+    # image 0: patches 0,1 along x, 2,3 along y -> cos is 1 within a pair, 0 across; its mean is 0.5
+    f = _axis_features([[0, 0, 1, 1]])
+    e = dynamic_relation(f, "image")
+    # r = 3 (cos - 0.5) = +1.5 within pairs, -1.5 across: masked, so each row is 0.5, 0.5 in its pair
+    want = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, .5, .5], [0, 0, .5, .5]])
+    torch.testing.assert_close(e[0], want)
+    assert (e[0][want == 0] == 0).all()   # exactly zero, not just small: the masked part is -inf
+    a = feature_affinity(f, "image")
+    s_pos, s_neg = 1 / (1 + math.exp(-1.5)), 1 / (1 + math.exp(1.5))
+    torch.testing.assert_close(a[0], torch.where(want > 0, torch.tensor(s_pos), torch.tensor(s_neg)))
+
+
+def test_batch_statistics_couple_images_and_per_image_ones_do_not():
+    f = _axis_features([[0, 0, 1, 1], [0, 0, 0, 0]])   # image 1: all patches alike, cos 1, mean 1
+    # batch mean (0.5 + 1) / 2 = 0.75: image 0's r = 3 (1 - 0.75) = 0.75 within pairs, -2.25 across
+    a = feature_affinity(f, "batch")
+    s = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    assert a[0, 0, 1].item() == pytest.approx(s(0.75)) and a[0, 0, 2].item() == pytest.approx(s(-2.25))
+    assert a[1, 0, 3].item() == pytest.approx(s(0.75))
+    alone = feature_affinity(f[:1], "batch")
+    assert alone[0, 0, 1].item() == pytest.approx(s(1.5))          # another batch mate, another result
+    torch.testing.assert_close(feature_affinity(f, "image")[0], feature_affinity(f[:1], "image")[0])
+    # image 1 under its own mean: r = 0 everywhere, kept (only r < 0 is masked): uniform rows
+    torch.testing.assert_close(dynamic_relation(f, "image")[1], torch.full((4, 4), 0.25))
+    with pytest.raises(ValueError, match="statistics"):
+        dynamic_relation(f, "global")
+
+
+def test_dynamic_pass_matches_per_head_restatement():
+    torch.manual_seed(0)
+    model = ExcelSeg(random_clip(SMALL, seed=4).double(), num_classes=3, calibrated_blocks=5).double().train()
+    visual = model.encoder
+    images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    fused = torch.randn(2, 256, 3, 3, dtype=torch.float64)
+    got = model.dynamic(images, fused)
+
+    # E restated: cosines of F_d's channel vectors, centred with the batch mean, x3, negatives dropped
+    v = fused.reshape(2, 256, 9)
+    v = v / v.norm(dim=1, keepdim=True)
+    cos = torch.einsum("bcm,bcn->bmn", v, v)
+    r = 3.0 * (cos - cos.mean())
+    e = torch.where(r >= 0, r, torch.tensor(float("-inf"), dtype=r.dtype)).softmax(-1)
+
+    # block 1 runs plainly (pos table via 20 x 20); blocks 2-6 restated head by head
+    z = visual.forward_intermediates(images, n_blocks=1, pos_via=20).tokens
+    p = z
+    width, d = 128, 64
+    for blk in list(visual.blocks)[1:]:
+        u = F.layer_norm(z, (width,), blk.ln_1.weight, blk.ln_1.bias, 1e-5)
+        q, k, val = (u @ w.t() + b for w, b in zip(blk.attn.in_proj_weight.split(width),
+                                                   blk.attn.in_proj_bias.split(width)))
+        s_sum, heads_out = 0, []
+        for h in range(2):
+            sl = slice(h * d, (h + 1) * d)
+            qh, kh, vh = q[..., sl], k[..., sl], val[..., sl]
+            heads_out.append(torch.softmax(qh @ kh.transpose(1, 2) / 8, -1) @ vh)
+            s = sum(torch.softmax(m @ m.transpose(1, 2) / 8, -1) for m in (qh, kh, vh)) / 3
+            s = s.clone()
+            s[:, 1:, 1:] = s[:, 1:, 1:] + e
+            s_sum = s_sum + s
+        proj = lambda t: t @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias  # noqa: E731
+        p = p + proj(torch.cat([s_sum @ val[..., h * d:(h + 1) * d] for h in range(2)], -1))
+        z = z + proj(torch.cat(heads_out, -1))
+        z = z + blk.mlp(F.layer_norm(z, (width,), blk.ln_2.weight, blk.ln_2.bias, 1e-5))
+    torch.testing.assert_close(got.tokens, torch.cat([z[:, :1], p[:, 1:]], 1), rtol=1e-9, atol=1e-9)
+    static = model.encode_calibrated(images)
+    assert not torch.allclose(static.tokens[:, 1:], got.tokens[:, 1:])
+
+
+def test_eval_mode_interpolates_the_positional_table_directly():
+    model = ExcelSeg(random_clip(SMALL, seed=1), num_classes=3)
+    images = torch.randn(1, 3, 64, 48)
+    train_feats = model.train().encode(images)
+    eval_feats = model.eval().encode(images)
+    direct = model.encoder.forward_calibrated(images, 5, features=True, pos_via=None).features
+    torch.testing.assert_close(eval_feats[0], direct[0][:, 1:])
+    assert not torch.allclose(train_feats[0], eval_feats[0])
+
+
+# ------------------------------------------------------------------------------------ schedules
+def test_phase_switches_of_both_configs():
+    voc = ExcelSchedule(**load_config("configs/excel_voc.yaml")["excel"])
+    assert [voc.dynamic(i) for i in (0, 13999, 14000, 29999)] == [False, False, True, True]
+    assert [voc.segmentation_targets(i) for i in (14000, 23999, 24000)] == [False, False, True]
+    assert voc.threshold(training=True) == 0.79 and voc.threshold(training=False) == 0.75
+    coco = ExcelSchedule(**load_config("configs/excel_coco.yaml")["excel"])
+    assert [coco.dynamic(i) for i in (29999, 30000)] == [False, True]
+    assert not any(coco.segmentation_targets(i) for i in (0, 30000, 99999))
+    assert coco.threshold() == 0.88
+    never = ExcelSchedule(dynamic_from=None)
+    assert not never.dynamic(10**9)
+    with pytest.raises(ConfigError, match="model.statistics"):
+        load_config("configs/excel_voc.yaml", ["model.statistics=global"])
+
+
+# ------------------------------------------------------------------------------------- inference
+class Recorder(torch.nn.Module):
+    """Logits = a fixed linear map of the input's first channel, plus the input sizes it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return torch.cat([x[:, :1], -x[:, :1]], 1)
+
+
+def test_square_preset_sizes_flips_and_average():
+    cfg = InferConfig.from_dict({**preset("excel"), "normalize": "imagenet"})
+    x = torch.randn(1, 3, 50, 90)
+    model = Recorder()
+    out = msc_logits(model, x, cfg)
+    # mirror at 224, 384, 480, none at 320: 7 forwards, all squares
+    assert sorted(model.sizes) == sorted([(224, 224)] * 2 + [(320, 320)] + [(384, 384)] * 2 + [(480, 480)] * 2)
+    want = 0   # the model is pointwise, so a mirrored pass flipped back equals the plain one
+    for side in (224, 320, 384, 480):
+        xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)[:, :1]
+        want = want + F.interpolate(torch.cat([xs, -xs], 1), size=(50, 90), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, want / 4)
+    assert cfg.crf_preset == "excel" and cfg.long_side is None
+    with pytest.raises(ValueError, match="square"):
+        InferConfig(square=320, long_side=512)
+
+
+def test_preset_flag_and_later_flags():
+    p = argparse.ArgumentParser()
+    add_infer_args(p)
+    d = infer_overrides(p.parse_args(["--checkpoint", "x", "--preset", "excel", "--no-flip"]))
+    assert d["square"] == 320 and d["scales"] == (0.7, 1.0, 1.2, 1.5) and d["flip"] is False
+    assert infer_overrides(p.parse_args(["--checkpoint", "x"])) == {}
