@@ -2,6 +2,11 @@
 
     python -m benchmarks.train                      # CPU (or the GPU when one is visible)
     python -m benchmarks.train --iters 20 --device cuda --amp bf16
+    python -m benchmarks.train --models weclip,weclip-online    # offline vs online labels, same model
+
+weclip-online: the same WeCLIP model and optimiser, but each step also makes its labels (GradCAM of
+the crops' classes on the model's frozen pass, RFM in its second phase, PAR) and adds the affinity
+loss; each image gets 2 random classes.
 
 WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (SPEC 7.8). DeepLabV2: ResNet-101 (random init),
 batch 5, crop 321, SGD (SPEC 5.4; one micro-batch per step, iter_size 2 would double the time).
@@ -19,6 +24,8 @@ import time
 
 SETTINGS = {"weclip": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
                                                           "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
+            "weclip-online": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
+                                                                 "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
             "deeplabv2": {"batch": 5, "crop": 321, "optim": {"name": "sgd", "lr": 2.5e-4, "head_lr_mult": 10,
                                                              "weight_decay": 5e-4, "momentum": 0.9}}}
 
@@ -27,15 +34,23 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     import torch
 
     from pipeline.models import build_model, trainable_parameters
+    from pipeline.losses import affinity_labels, affinity_loss
     from pipeline.train import amp_dtype, autocast, build_optimizer, segmentation_loss
 
     s = SETTINGS[name]
     dev = torch.device(device)
     torch.manual_seed(0)
-    if name == "weclip":
+    maker = None
+    if name.startswith("weclip"):
         from pipeline.randomclip import VIT_B_16, random_clip
 
-        model = build_model({"name": "weclip"}, 21, clip=random_clip(VIT_B_16, seed=0))
+        clip = random_clip(VIT_B_16, seed=0)
+        model = build_model({"name": "weclip"}, 21, clip=clip)
+        if name == "weclip-online":
+            from pipeline.classes import builtin
+            from pipeline.online import OnlineBatch, build_label_maker
+
+            maker = build_label_maker({"method": "weclip", "switch_iter": 0}, clip, builtin("voc"))
     else:
         model = build_model({"name": name, "layers": [3, 4, 23, 3], "base_width": 64, "freeze_bn": True}, 21,
                             log=lambda *_: None)
@@ -54,8 +69,17 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
             torch.cuda.synchronize(dev)
         t = time.perf_counter()
         with autocast(dev, dtype):
-            logits = model(x)
-        loss = segmentation_loss(logits, y)
+            if maker is None:
+                logits = model(x)
+            else:
+                out = model(x, outputs="train", attention_blocks=maker.attention_blocks)
+                batch = OnlineBatch(x, [[b % 20, (b + 7) % 20] for b in range(len(x))], [(b, b) for b in range(len(x))])
+                labels = maker(batch, out, i).labels
+        if maker is None:
+            loss = segmentation_loss(logits, y)
+        else:
+            loss = segmentation_loss(out["logits"], labels, "bgfg") + \
+                0.1 * affinity_loss(out["affinity"], affinity_labels(labels, out["grid"], 8))
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -80,7 +104,7 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="weclip,deeplabv2")
+    p.add_argument("--models", default="weclip,weclip-online,deeplabv2")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
