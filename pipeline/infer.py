@@ -37,9 +37,7 @@ class InferConfig:
     square: instead resize the image to a square of side int(square·s) at each scale s (None: keep the
     aspect ratio); unflipped_scales: scales at which the mirrored image is not added even with ``flip``;
     window/stride: sliding-window tile and step in pixels when a side exceeds ``window`` (None: whole image);
-    crf: dense CRF on the softmax (SPEC 5.4 deeplab-pytorch parameters by default); crf_preset: the
-    CRF package's named preset this model asks for (parameters and guide image; 'excel' for ExCEL),
-    None for ``crf_params``."""
+    crf: dense CRF on the softmax (SPEC 5.4 deeplab-pytorch parameters by default)."""
 
     scales: tuple[float, ...] = (1.0, 0.75)
     flip: bool = True
@@ -49,7 +47,6 @@ class InferConfig:
     window: int | None = None
     stride: int | None = None
     crf: bool = False
-    crf_preset: str | None = None
     crf_params: CRFParams = field(default_factory=CRFParams)
     normalize: str = "imagenet"
     batch_tiles: int = 4
@@ -74,9 +71,9 @@ class InferConfig:
 
 # Named inference protocols (``--preset``), applied over a checkpoint's stored settings.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ExCEL's test script: square 320 x {0.7, 1.0, 1.2, 1.5}, mirrored except at 1.0, its CRF when on
+    # ExCEL's test script: square 320 x {0.7, 1.0, 1.2, 1.5}, mirrored except at 1.0
     "excel": {"square": 320, "long_side": None, "scales": (0.7, 1.0, 1.2, 1.5), "flip": True,
-              "unflipped_scales": (1.0,), "window": None, "crf_preset": "excel"},
+              "unflipped_scales": (1.0,), "window": None},
 }
 
 

@@ -50,9 +50,13 @@ DEFAULTS: dict[str, Any] = {
     "train": {"batch_size": 4, "accum": 1, "seed": 1, "loss": "ce", "amp": "auto", "device": "auto",
               "ckpt_every": 2000, "keep_checkpoints": 2, "log_every": 20, "val_every": 2000,
               "val_max_images": None, "aff_weight": 0.0, "aff_radius": 8},
-    # online pseudo labels (pipeline/online): method null = labels from data.pseudo / ground truth
-    "online": {"method": None, "refine": "both", "layer_filter": True, "static_layers": 8, "filter_layers": 6,
-               "switch_iter": 9145, "box_threshold": None, "par_iterations": 20},
+    # online pseudo labels (pipeline/online): method null = labels from data.pseudo / ground truth;
+    # null settings take the method's own defaults (pipeline/online/<method>.py)
+    "online": {"method": None, "refine": None, "layer_filter": None, "static_layers": None, "filter_layers": None,
+               "switch_iter": None, "box_threshold": None, "par_iterations": None,
+               # ExCEL only: diversity-loss targets from the segmentation, validation threshold, text enrichment
+               "segmentation_targets_from": None, "val_box_threshold": None, "tse": True, "descriptions": None,
+               "attribute_bank": None},
     "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],
               "window": None, "stride": None, "crf": False, "crf_preset": None,
               "crf_params": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0, "bi_w": 4.0}},
@@ -131,8 +135,11 @@ def check_config(cfg: Mapping) -> None:
 
         if online not in METHODS:
             raise ConfigError(f"online.method must be one of {', '.join(METHODS)} or null, got {online!r}")
-    if (online is not None or float(t["aff_weight"])) and cfg["model"]["name"] != "weclip":
-        raise ConfigError("online labels and the affinity loss (train.aff_weight) need model.name=weclip")
+    model = cfg["model"]["name"]
+    if online is not None and model != online:
+        raise ConfigError(f"online.method={online} makes labels for model.name={online}, not {model}")
+    if float(t["aff_weight"]) and model not in ("weclip", "excel"):
+        raise ConfigError(f"the affinity loss (train.aff_weight) needs model.name weclip or excel, not {model}")
     for key, v in (("schedule.iters", s["iters"]), ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")
@@ -403,13 +410,14 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
         from .clip import load_clip
 
         if not cfg["model"]["clip"]:
-            raise ConfigError("model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for weclip")
+            raise ConfigError(f"model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for {cfg['model']['name']}")
         clip_model = load_clip(cfg["model"]["clip"], "cpu", torch.float32)
     model = build_model(cfg["model"], n_cls, clip=clip_model, log=say).to(device)
     if online and label_maker is None:
         from .online import build_label_maker
 
-        label_maker = build_label_maker(cfg["online"], clip_model, ds.classes)
+        label_maker = build_label_maker(cfg["online"], clip_model, ds.classes, model_cfg=cfg["model"],
+                                        dataset=cfg["data"]["dataset"])
     say(f"model {cfg['model']['name']}: {trainable_parameters(model):,} trainable parameters")
     optimizer = build_optimizer(model, cfg["optim"])
     dtype = amp_dtype(t_cfg["amp"], device)
@@ -491,12 +499,14 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                             out = model(images, outputs="train", attention_blocks=label_maker.attention_blocks)
                             batch_in = OnlineBatch(images, [torch.nonzero(t).flatten().tolist() for t in targets],
                                                    [tuple(map(int, key)) for key in keys[0]])
-                            labels = label_maker(batch_in, out, it).labels
+                            made = label_maker(batch_in, out, it)
+                            labels = made.labels
+                            pairs = labels if made.affinity_targets is None else made.affinity_targets
                         else:
                             out = model(images, outputs="train") if aff_w else {"logits": model(images)}
-                            labels = targets.to(device, non_blocking=True)
+                            labels = pairs = targets.to(device, non_blocking=True)
                     loss_seg = segmentation_loss(out["logits"], labels, t_cfg["loss"])
-                    loss_aff = affinity_loss(out["affinity"], affinity_labels(labels, out["grid"], aff_radius)) \
+                    loss_aff = affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], aff_radius)) \
                         if aff_w else torch.zeros((), device=device)
                     loss = (loss_seg + aff_w * loss_aff) / accum
                     scaler.scale(loss).backward()

@@ -14,7 +14,8 @@ from pipeline import checkpoint as ckpt_io
 from pipeline.clip import CLIP, CLIPArch
 from pipeline.infer import InferConfig, msc_logits, preset
 from pipeline.models import ExcelSeg, build_model, trainable_parameters
-from pipeline.models.excel import ExcelSchedule, dynamic_relation, feature_affinity
+from pipeline.models.excel import dynamic_relation, feature_affinity
+from pipeline.online.excel import ExcelLabelConfig
 from pipeline.randomclip import VIT_B_16, random_clip
 from pipeline.train import ConfigError, build_optimizer, load_config
 from stages.predict import add_infer_args, infer_overrides
@@ -40,11 +41,11 @@ def test_vit_b16_voc_layout_has_the_reference_parameter_count():
 def test_training_forward_gradients_and_checkpoint_without_clip():
     model = ExcelSeg(random_clip(SMALL, seed=0), num_classes=4).train()
     images = torch.randn(2, 3, 48, 64)
-    out = model.forward_train(images)
-    assert out.logits.shape == (2, 4, 3, 4) and out.fused.shape == (2, 256, 3, 4)
-    assert out.affinity.shape == (2, 12, 12) and len(out.encoded.features) == 6
-    assert sorted(out.encoded.attentions) == [0, 1, 2, 3, 4, 5]
-    (out.logits.square().mean() + out.affinity.mean()).backward()
+    out = model(images, outputs="train")
+    assert out["logits"].shape == (2, 4, 48, 64) and out["fused"].shape == (2, 256, 3, 4)
+    assert out["affinity"].shape == (2, 12, 12) and out["grid"] == (3, 4)
+    assert len(out["intermediates"].features) == 6 and sorted(out["intermediates"].attentions) == [0, 1, 2, 3, 4, 5]
+    (out["logits"].square().mean() + out["affinity"].mean()).backward()
     assert all(p.grad is None for p in model.encoder.parameters())
     assert all(p.grad is not None for p in model.decoder.parameters())
     state = ckpt_io.model_state(model)
@@ -96,7 +97,7 @@ def test_dynamic_pass_matches_per_head_restatement():
     visual = model.encoder
     images = torch.randn(2, 3, 48, 48, dtype=torch.float64)
     fused = torch.randn(2, 256, 3, 3, dtype=torch.float64)
-    got = model.dynamic(images, fused)
+    got = model.encode_calibrated(images, dynamic_relation(fused))
 
     # E restated: cosines of F_d's channel vectors, centred with the batch mean, x3, negatives dropped
     v = fused.reshape(2, 256, 9)
@@ -142,17 +143,24 @@ def test_eval_mode_interpolates_the_positional_table_directly():
 
 
 # ------------------------------------------------------------------------------------ schedules
+def schedule(path, *sets):
+    return ExcelLabelConfig.from_dict(load_config(path, list(sets))["online"], 0.0)
+
+
 def test_phase_switches_of_both_configs():
-    voc = ExcelSchedule(**load_config("configs/excel_voc.yaml")["excel"])
+    voc = schedule("configs/excel_voc.yaml")
+    assert (voc.static_layers, voc.filter_layers, voc.box_threshold) == (6, 6, 0.79)
     assert [voc.dynamic(i) for i in (0, 13999, 14000, 29999)] == [False, False, True, True]
     assert [voc.segmentation_targets(i) for i in (14000, 23999, 24000)] == [False, False, True]
     assert voc.threshold(training=True) == 0.79 and voc.threshold(training=False) == 0.75
-    coco = ExcelSchedule(**load_config("configs/excel_coco.yaml")["excel"])
+    coco = schedule("configs/excel_coco.yaml")
     assert [coco.dynamic(i) for i in (29999, 30000)] == [False, True]
     assert not any(coco.segmentation_targets(i) for i in (0, 30000, 99999))
     assert coco.threshold() == 0.88
-    never = ExcelSchedule(dynamic_from=None)
-    assert not never.dynamic(10**9)
+    # the static-attention ablation never turns dynamic
+    assert not schedule("configs/excel_voc.yaml", "online.refine=attention").dynamic(10**9)
+    with pytest.raises(ConfigError, match="online.method=excel"):
+        load_config("configs/excel_voc.yaml", ["model.name=weclip"])
     with pytest.raises(ConfigError, match="model.statistics"):
         load_config("configs/excel_voc.yaml", ["model.statistics=global"])
 
@@ -182,7 +190,7 @@ def test_square_preset_sizes_flips_and_average():
         xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)[:, :1]
         want = want + F.interpolate(torch.cat([xs, -xs], 1), size=(50, 90), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out, want / 4)
-    assert cfg.crf_preset == "excel" and cfg.long_side is None
+    assert cfg.long_side is None
     with pytest.raises(ValueError, match="square"):
         InferConfig(square=320, long_side=512)
 

@@ -8,7 +8,8 @@ features F_d, then 3 transformer blocks and a 1x1 classifier. F_d doubles as ExC
 cosine similarities, centred and sharpened, become
 
 - the dynamic relations E, added to every calibrated head's patch-patch map in a second,
-  gradient-free encoder pass whose CAMs (dynamic CAMs) replace the static ones later in training;
+  gradient-free encoder pass whose CAMs (dynamic CAMs) replace the static ones later in training
+  (``pipeline.online.excel`` runs it);
 - the affinity A_f that filters the attention used to refine CAMs and that the diversity loss trains.
 
 Statistics: the reference centres the similarities with the mean over the whole batch tensor, so an
@@ -19,8 +20,7 @@ Trainable parameters (ViT-B/16, 21 classes): 12 x 262,656 + 786,688 + 3 x 789,76
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,48 +58,7 @@ def feature_affinity(fused: torch.Tensor, statistics: str = "batch", scale: floa
     return torch.sigmoid(centred_similarity(fused, statistics, scale))
 
 
-# -------------------------------------------------------------------------------------- schedule
-@dataclass(frozen=True)
-class ExcelSchedule:
-    """When ExCEL's online labels change (0-based training iterations) and its box thresholds.
-
-    dynamic_from: from this iteration the labels come from the dynamic CAMs and the refinement
-        attention is filtered with A_f (reference: 14,000 VOC, 30,000 COCO; None: never).
-    segmentation_targets_from: from this iteration the diversity loss's pairwise targets come from
-        the current segmentation's argmax instead of the pseudo labels (reference: 24,000 on VOC,
-        never on COCO: None).
-    box_threshold / val_box_threshold: CAM box-mask thresholds during training (0.79 VOC, 0.88 COCO)
-        and when labels are made for validation (0.75).
-    """
-
-    dynamic_from: int | None = 14000
-    segmentation_targets_from: int | None = 24000
-    box_threshold: float = 0.79
-    val_box_threshold: float = 0.75
-
-    def dynamic(self, iteration: int) -> bool:
-        return self.dynamic_from is not None and iteration >= self.dynamic_from
-
-    def segmentation_targets(self, iteration: int) -> bool:
-        return self.segmentation_targets_from is not None and iteration >= self.segmentation_targets_from
-
-    def threshold(self, training: bool = True) -> float:
-        return self.box_threshold if training else self.val_box_threshold
-
-
 # ----------------------------------------------------------------------------------------- model
-@dataclass
-class ExcelOutput:
-    """One training forward: ``logits`` (B, C, h, w) at patch resolution; ``fused`` F_d
-    (B, width, h, w); ``affinity`` A_f (B, n, n); ``encoded`` the calibrated pass (tokens,
-    attention of the last blocks, decoder maps), computed without gradient."""
-
-    logits: torch.Tensor
-    fused: torch.Tensor
-    affinity: torch.Tensor
-    encoded: Calibrated
-
-
 class ExcelSeg(WeCLIPSeg):
     """Frozen calibrated CLIP image encoder + WeCLIP's decoder over all blocks, with ExCEL's adapter.
 
@@ -107,15 +66,15 @@ class ExcelSeg(WeCLIPSeg):
     blocks whose attention is returned for CAM refinement (6); pos_via: side of the grid the
     positional table is resized to first in training (the reference's 20 x 20, None: direct);
     eval_pos_via: the same in eval mode (the reference's inference script builds its encoder without
-    the resize: None); exact: calibrated
-    blocks report the head sum of attention (reference) instead of the mean; statistics,
-    relation_scale: see ``centred_similarity``.
+    the resize: None); exact: calibrated blocks report the head sum of attention (reference) instead
+    of the mean; statistics, relation_scale: see ``centred_similarity``. The dynamic pass is the
+    online label maker's (``online.excel``): ``encode_calibrated`` with ``dynamic_relation(F_d)``.
     """
 
     def __init__(self, clip: CLIP, num_classes: int, width: int = 256, heads: int = 8, depth: int = 3,
                  dropout: float = 0.1, calibrated_blocks: int = 5, attention_layers: int = 6,
-                 pos_via: int | None = 20, eval_pos_via: int | None = None, exact: bool = True, statistics: str = "batch",
-                 relation_scale: float = 3.0):
+                 pos_via: int | None = 20, eval_pos_via: int | None = None, exact: bool = True,
+                 statistics: str = "batch", relation_scale: float = 3.0):
         super().__init__(clip, num_classes, clip.arch.vision_layers, width, heads, depth, dropout)
         n = clip.arch.vision_layers
         if not 1 <= calibrated_blocks < n or not 1 <= attention_layers <= n:
@@ -145,19 +104,21 @@ class ExcelSeg(WeCLIPSeg):
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         return images.shape[-2] // self.patch, images.shape[-1] // self.patch
 
-    def forward_train(self, images: torch.Tensor) -> ExcelOutput:
-        """images (B, 3, H, W), multiples of the patch size -> logits, F_d, A_f and the calibrated pass."""
+    def _train_outputs(self, images: torch.Tensor, attention_blocks: Sequence[int] = ()) -> dict:
+        """``forward(images, outputs='train')`` for crops whose sides are multiples of the patch size:
+        logits (B, C, H, W), affinity A_f (B, n, n), fused F_d (B, width, h, w), grid (h, w) and
+        intermediates, the calibrated pass (``clip.Calibrated``: tokens, decoder maps, attention of
+        the last ``attention_layers`` blocks, which is all online labels use: ``attention_blocks``
+        is accepted for the shared interface only)."""
+        H, W = images.shape[-2:]
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"training crops must be multiples of the patch size {self.patch}, got {H}x{W}")
+        grid = self.grid(images)
         enc = self.encode_calibrated(images)
-        fused = self.decoder.fused([f[:, 1:] for f in enc.features], self.grid(images))
-        return ExcelOutput(logits=self.decoder.head(fused), fused=fused,
-                           affinity=feature_affinity(fused, self.statistics, self.relation_scale), encoded=enc)
-
-    @torch.no_grad()
-    def dynamic(self, images: torch.Tensor, fused: torch.Tensor) -> Calibrated:
-        """The second encoder pass with relations from F_d (detached; no gradient reaches the adapter
-        through it, as in the reference): its tokens give the dynamic CAMs."""
-        relation = dynamic_relation(fused.detach(), self.statistics, self.relation_scale)
-        return self.encode_calibrated(images, relation)
+        fused = self.decoder.fused([f[:, 1:] for f in enc.features], grid)
+        logits = F.interpolate(self.decoder.head(fused).float(), size=(H, W), mode="bilinear", align_corners=False)
+        return {"logits": logits, "affinity": feature_affinity(fused, self.statistics, self.relation_scale),
+                "fused": fused, "grid": grid, "intermediates": enc}
 
 
 def build(cfg: Mapping[str, Any], num_classes: int, clip: CLIP) -> ExcelSeg:
@@ -165,5 +126,5 @@ def build(cfg: Mapping[str, Any], num_classes: int, clip: CLIP) -> ExcelSeg:
     return ExcelSeg(clip, num_classes, int(cfg.get("width", 256)), int(cfg.get("heads", 8)), int(cfg.get("depth", 3)),
                     float(cfg.get("dropout", 0.1)), int(cfg.get("calibrated_blocks", 5)),
                     int(cfg.get("attention_layers", 6)), cfg.get("pos_via", 20), cfg.get("eval_pos_via"),
-                    bool(cfg.get("exact", True)),
-                    cfg.get("statistics", "batch"), float(cfg.get("relation_scale", 3.0)))
+                    bool(cfg.get("exact", True)), cfg.get("statistics", "batch"),
+                    float(cfg.get("relation_scale", 3.0)))

@@ -8,7 +8,7 @@ frozen encoder pass and the decoder's patch affinity, then asks the label maker 
     out = model(batch.images, outputs="train", attention_blocks=maker.attention_blocks)
     labels = maker(batch, out, iteration).labels       # (B, H, W) int64, 0 background, c + 1 class c
 
-Each method is one module (``weclip``); its initial CAMs come from a ``CAMSource`` (the CAM stage's
+Each method is one module (``weclip``, ``excel``); its initial CAMs come from a ``CAMSource`` (the CAM stage's
 batched Softmax-GradCAM by default, ``GradCAMSource``), so a method can swap in its own CAMs (ExCEL's
 calibrated CLIP pass) or a test can inject CAMs with known errors through the same call.
 """
@@ -22,7 +22,7 @@ import torch
 
 from ..clip import Intermediates
 
-METHODS = ("weclip",)
+METHODS = ("weclip", "excel")
 
 
 @dataclass
@@ -55,6 +55,8 @@ class OnlineLabels:
     labels: torch.Tensor
     initial: InitialCAMs
     refined: torch.Tensor | None = None   # (B, K, H, W) refined CAMs before background and PAR
+    # (B, H, W) label map the affinity loss takes its pair targets from, when not ``labels``
+    affinity_targets: torch.Tensor | None = None
 
 
 class CAMSource(Protocol):
@@ -103,11 +105,23 @@ class LabelMaker(ABC):
         ...
 
 
-def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | None = None) -> LabelMaker:
+def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | None = None,
+                      model_cfg: Mapping[str, Any] | None = None, dataset: str = "voc") -> LabelMaker:
     """Label maker from the ``online`` config section; ``clip`` the frozen CLIP (its text encoder
     gives the CAM prompts), ``classes`` the dataset's ``ClassList``; ``cams`` replaces the GradCAM
-    source (tests inject CAMs with known errors)."""
+    source (tests inject CAMs with known errors). ExCEL also reads the ``model`` section (its
+    calibrated pass and relations) and the dataset name (its text descriptions)."""
     method = cfg.get("method")
+    if method == "excel":
+        from ..cams.excel import ExcelEngine
+        from .excel import ExcelCAMSource, ExcelLabelConfig, ExcelLabels, engine_config
+
+        ecfg = ExcelLabelConfig.from_dict(cfg, ExcelLabelConfig.box_threshold)
+        mcfg = dict(model_cfg or {})
+        engine = ExcelEngine(clip, classes, engine_config(mcfg, classes, ecfg.box_threshold, dataset, cfg))
+        engine.text = engine.text.to(clip.visual.proj.device)   # the image tower may sit on the GPU already
+        return ExcelLabels(ecfg, cams or ExcelCAMSource(engine), engine, clip.arch.vision_layers,
+                           mcfg.get("statistics", "batch"), float(mcfg.get("relation_scale", 3.0)))
     if method == "weclip":
         from .weclip import WeCLIPConfig, WeCLIPLabels
 
