@@ -4,20 +4,27 @@ the square inference preset."""
 from __future__ import annotations
 
 import argparse
+import csv
 import math
+
+import PIL.Image
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
+from pipeline.classes import ClassList
 from pipeline.clip import CLIP, CLIPArch
 from pipeline.infer import InferConfig, msc_logits, preset
+from pipeline.losses import affinity_labels, affinity_loss
 from pipeline.models import ExcelSeg, build_model, trainable_parameters
 from pipeline.models.excel import dynamic_relation, feature_affinity
+from pipeline.online import OnlineBatch, build_label_maker
 from pipeline.online.excel import ExcelLabelConfig
-from pipeline.randomclip import VIT_B_16, random_clip
-from pipeline.train import ConfigError, build_optimizer, load_config
+from pipeline.randomclip import TINY, VIT_B_16, random_clip
+from pipeline.train import ConfigError, build_optimizer, load_config, train
+from seg_helpers import make_data, overrides
 from stages.predict import add_infer_args, infer_overrides
 
 # two heads per block, six blocks: one plain, five calibrated
@@ -201,3 +208,93 @@ def test_preset_flag_and_later_flags():
     d = infer_overrides(p.parse_args(["--checkpoint", "x", "--preset", "excel", "--no-flip"]))
     assert d["square"] == 320 and d["scales"] == (0.7, 1.0, 1.2, 1.5) and d["flip"] is False
     assert infer_overrides(p.parse_args(["--checkpoint", "x"])) == {}
+
+
+# ------------------------------------------------------------------------------- label maker, loss
+def test_diversity_loss_on_hand_made_features():
+    # one image, 2 x 2 patches: patches 0, 1 along x, 2, 3 along y; labels: 0, 1 class 1, 2, 3 class 2
+    f = _axis_features([[0, 0, 1, 1]])
+    labels = torch.tensor([[[1, 1], [2, 2]]])
+    targets = affinity_labels(labels, (2, 2), radius=8)
+    a = feature_affinity(f, "image")          # sigmoid(+1.5) on same-axis pairs, sigmoid(-1.5) across
+    hi, lo = 1 / (1 + math.exp(-1.5)), 1 / (1 + math.exp(1.5))
+    # 8 positive pairs (diagonal included) with 1 - A = 1 - hi, 8 negative ones with A = lo
+    want = 0.5 * 8 * (1 - hi) / 9 + 0.5 * 8 * lo / 9
+    assert affinity_loss(a, targets).item() == pytest.approx(want)
+    # swapping a patch's direction breaks the agreement and raises the loss
+    worse = _axis_features([[0, 1, 1, 1]])
+    assert affinity_loss(feature_affinity(worse, "image"), targets) > affinity_loss(a, targets)
+
+
+class Recording:
+    """The real ExCEL CAM source, remembering which calibrated pass it was given."""
+
+    def __init__(self, inner):
+        self.inner, self.passes = inner, []
+
+    def __call__(self, batch, encoded, grid):
+        self.passes.append(encoded)
+        return self.inner(batch, encoded, grid)
+
+
+def test_label_maker_switches_to_dynamic_cams_and_segmentation_targets():
+    torch.manual_seed(0)
+    clip = random_clip(SMALL, seed=2)
+    classes = ClassList(names=("cat", "dog", "car"), prompts=("cat", "dog", "car"), background=("sky",))
+    online = {"method": "excel", "switch_iter": 2, "segmentation_targets_from": 3, "static_layers": 6,
+              "filter_layers": 6, "box_threshold": 0.79, "tse": False}
+    model_cfg = {"name": "excel", "calibrated_blocks": 5, "attention_layers": 6}
+    model = build_model(model_cfg, 4, clip=clip).train()
+    maker = build_label_maker(online, clip, classes, model_cfg=model_cfg, dataset="folder")
+    maker.cams = rec = Recording(maker.cams)
+    images = torch.randn(2, 3, 48, 48)
+    batch = OnlineBatch(images, [[0, 2], [1]], [(0, 0), (1, 1)])
+    out = model(images, outputs="train")
+    # the label maker's pass is set up as the model's: its static pass gives the same tokens
+    torch.testing.assert_close(maker.engine.encode(images).tokens, out["intermediates"].tokens)
+    first = maker(batch, out, 1)
+    assert rec.passes[-1] is out["intermediates"] and first.affinity_targets is None
+    assert first.labels.shape == (2, 48, 48) and set(first.labels[1].unique().tolist()) <= {0, 2}
+    second = maker(batch, out, 2)
+    dynamic = model.encode_calibrated(images, dynamic_relation(out["fused"]))
+    torch.testing.assert_close(rec.passes[-1].tokens, dynamic.tokens)
+    assert not torch.allclose(dynamic.tokens, out["intermediates"].tokens)
+    assert not torch.equal(second.initial.cams, first.initial.cams) and second.affinity_targets is None
+    third = maker(batch, out, 3)
+    assert torch.equal(third.affinity_targets, out["logits"].argmax(dim=1))
+
+
+# ------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("excel_online"), 6, 0, size=(64, 80), seed=5)
+
+
+def test_online_training_reads_no_mask_and_resumes_exactly_across_both_switches(scenes, tmp_path, monkeypatch):
+    def no_masks(path, *a, **k):
+        raise AssertionError(f"training read a label map: {path}")
+
+    for where in ("pipeline.labelio.read_label", "pipeline.datasets.read_label", "pipeline.segdata.read_label"):
+        monkeypatch.setattr(where, no_masks)
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    sets = {"data.crop": 48, "data.scale_range": "[0.8,1.2]", "train.batch_size": 2, "schedule.iters": 3,
+            "schedule.warmup_iters": 1, "train.log_every": 1, "online.switch_iter": 1,
+            "online.segmentation_targets_from": 2, "online.tse": False, "model.width": 64, "model.heads": 2,
+            "data.pseudo": None}
+    cfg = load_config("configs/excel_voc.yaml", overrides(scenes, **sets))
+    kw = {"progress": False, "tensorboard": False, "clip_model": random_clip(TINY, seed=3), "log": lambda *_: None}
+    train(cfg, tmp_path / "full", **kw)
+    train(cfg, tmp_path / "split", stop_at=2, **kw)
+    train(cfg, tmp_path / "split", resume=True, **kw)
+    a, b = ckpt_io.load(tmp_path / "full"), ckpt_io.load(tmp_path / "split")
+    assert a["model"].keys() == b["model"].keys() and not any(k.startswith("encoder.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    read = lambda run: list(csv.DictReader(open(run / "log.csv")))  # noqa: E731
+    full = read(tmp_path / "full")
+    assert [r["loss"] for r in full] == [r["loss"] for r in read(tmp_path / "split")]
+    assert len(full) == 3 and all(float(r["loss_aff"]) > 0 for r in full)
+    assert a["meta"]["crf_preset"] == "excel" and a["meta"]["config"]["online"]["method"] == "excel"
+    assert not [p for p in opened if p.endswith(".png")] and any(p.endswith(".jpg") for p in opened)
