@@ -188,3 +188,26 @@ def test_online_labels_beat_the_injected_cams_and_the_decoder_beats_its_first_la
 
 MARGIN_LABELS = 0.0
 MARGIN_DECODER = 0.0
+
+
+def test_online_ddp_two_cpu_processes_with_gloo(data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.randomclip import save_clip
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    clip = tmp_path / "tiny.pt"
+    save_clip(random_clip(TINY, seed=3), clip)
+    sets = overrides(data, **{"model.clip": clip, "data.crop": 48, "train.batch_size": 1, "schedule.iters": 2,
+                              "online.switch_iter": 1, "train.log_every": 1})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "stages.train", "--config", CONFIG, "--out", str(tmp_path / "ddp"),
+           "--no-progress", "--no-tensorboard"] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ck = ckpt_io.load(tmp_path / "ddp")
+    assert ck["iteration"] == 2 and len(ck["rng"]) == 2
+    assert len(rows(tmp_path / "ddp")) == 2
