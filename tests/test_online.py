@@ -169,3 +169,19 @@ def test_model_affinity_gets_gradient_through_the_fused_features(tiny):
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="multiples of the patch size"):
         model(torch.randn(1, 3, 40, 32), outputs="train")
+
+
+def test_an_images_labels_do_not_depend_on_its_batch_mates(tiny):
+    """What makes DDP's labels equal the single process's: every step of the label making is per image."""
+    clip, _, maker = tiny
+    model = build_model({"name": "weclip"}, 21, clip=clip).eval()     # eval: no dropout draws
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    labels, keys = [[1, 4], [2], [7, 8, 9]], [(0, 0), (1, 1), (2, 2)]
+    for it in (0, 1):                                                    # both RFM phases (switch at 1)
+        with torch.no_grad():
+            both = maker(OnlineBatch(x, labels, keys), model(x, outputs="train",
+                                                              attention_blocks=maker.attention_blocks), it)
+            one = maker(OnlineBatch(x[1:2], labels[1:2], keys[1:2]),
+                        model(x[1:2], outputs="train", attention_blocks=maker.attention_blocks), it)
+        assert torch.allclose(both.refined[1, :1], one.refined[0], atol=1e-4)   # float rounding of batched matmuls
+        assert torch.equal(both.labels[1], one.labels[0])
