@@ -1,6 +1,6 @@
 # WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models.
 # Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, CLIP (ViT-B-16.pt), PROMPT, WHAT,
-# JOBS (CRF processes), OUT, ARGS (extra flags passed through); training: MODEL (weclip|weclip-online|deeplab), CONFIG,
+# JOBS (CRF processes), OUT, ARGS (extra flags passed through); training: MODEL (weclip|weclip-online|excel|deeplab), CONFIG,
 # LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
 # METHOD (clipes|excel): CAM method of cams/cams-pseudo; with excel, cams/pseudo/eval/viz use the
 # outputs/<dataset>/{cams,pseudo}_excel folders and pseudo refines with PAR (ARGS="--refine crf" for the CRF).

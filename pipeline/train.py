@@ -54,9 +54,8 @@ DEFAULTS: dict[str, Any] = {
     # null settings take the method's own defaults (pipeline/online/<method>.py)
     "online": {"method": None, "refine": None, "layer_filter": None, "static_layers": None, "filter_layers": None,
                "switch_iter": None, "box_threshold": None, "par_iterations": None,
-               # ExCEL only: diversity-loss targets from the segmentation, validation threshold, text enrichment
-               "segmentation_targets_from": None, "val_box_threshold": None, "tse": True, "descriptions": None,
-               "attribute_bank": None},
+               # ExCEL only: diversity-loss targets from the segmentation, text enrichment
+               "segmentation_targets_from": None, "tse": True, "descriptions": None, "attribute_bank": None},
     "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],
               "window": None, "stride": None, "crf": False, "crf_preset": None,
               "crf_params": {"iters": 10, "pos_xy": 1.0, "pos_w": 3.0, "bi_xy": 67.0, "bi_rgb": 3.0, "bi_w": 4.0}},
@@ -410,7 +409,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
         from .clip import load_clip
 
         if not cfg["model"]["clip"]:
-            raise ConfigError(f"model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for {cfg['model']['name']}")
+            raise ConfigError("model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for "
+                              f"{cfg['model']['name']}")
         clip_model = load_clip(cfg["model"]["clip"], "cpu", torch.float32)
     model = build_model(cfg["model"], n_cls, clip=clip_model, log=say).to(device)
     if online and label_maker is None:
