@@ -340,7 +340,8 @@ def test_excel_learns_from_injected_static_cams(tmp_path_factory, tmp_path):
     sets = {"data.crop": 64, "data.scale_range": "[0.75,1.25]", "train.batch_size": 4, "schedule.iters": it,
             "schedule.warmup_iters": 5, "train.log_every": 1, "train.val_every": it, "online.switch_iter": it // 2,
             "online.segmentation_targets_from": 3 * it // 4, "online.tse": False, "model.width": 64,
-            "model.heads": 2, "train.seed": 1, "data.pseudo": None, "val.long_side": None}
+            "model.heads": 2, "model.eval_pos_via": 20, "train.seed": 1, "data.pseudo": None,
+            "val.long_side": None, **LEARN.get("sets", {})}
     cfg = load_config("configs/excel_voc.yaml", overrides(data, **sets))
     clip = random_clip(TINY, seed=3)
     ds = build_dataset("voc", data["root"], data["classes"])
