@@ -4,9 +4,11 @@ Random weights of the true ViT-B/16 shapes, VOC-sized images (500x375 -> 512x384
 3 labels each, all measured side by side in one process:
   - stage:      ``run_cams`` over a VOC-layout folder (decode, forward, one backward, CAA, write)
   - floor:      one plain no-grad image-encoder forward per image at the same size
+  - excel:      ExCEL's training-free CAMs (calibrated forward, patch-text CAMs, refinement), engine
+                and stage (text enrichment off: it only changes the text rows, computed once)
   - reference:  CLIP-ES's per-class loop (block 12 forward + backward per class, hooks, numpy,
                 Sinkhorn per class), from tests/reference.py
-On CUDA it also reports images/s and peak memory of the engine for fp16/bf16 and batch sizes.
+On CUDA it also reports images/s and peak memory of both engines for fp16/bf16 (ExCEL also fp32) and batch sizes.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline.cam import CAMEngine  # noqa: E402
+from pipeline.cams.excel import ExcelConfig, ExcelEngine  # noqa: E402
 from pipeline.classes import builtin  # noqa: E402
 from pipeline.clip import load_clip, read_state_dict  # noqa: E402
 from pipeline.image import load_image, preprocess, target_size  # noqa: E402
@@ -72,19 +75,24 @@ def cpu_bench(args, ckpt: Path, tmp: Path) -> None:
 
     engine = CAMEngine(model, voc)
     engine_s = timed(lambda: engine(image, [LABELS[0]]), args.repeat)
+    excel = ExcelEngine(model, voc, ExcelConfig(tse=False))
+    excel_s = timed(lambda: excel(image, [LABELS[0]]), args.repeat)
 
     ref = ReferenceCLIP(read_state_dict(ckpt))
     ref_text = reference_text(ref, list(voc.prompts) + list(voc.background), voc.template)
     reference_s = timed(lambda: reference_cams(ref, image, LABELS[0], ref_text, 20, 0.4), max(1, args.repeat // 2))
 
-    def stage(out: str, ids_file: Path):
+    def stage(out: str, ids_file: Path, method: str = "clipes"):
         return run_cams(CamsConfig(dataset="voc", root=str(tmp / "VOC"), split=str(ids_file), clip=str(ckpt), out=out,
-                                   workers=args.workers, progress=False))
+                                   workers=args.workers, progress=False, method=method,
+                                   cam_options={"tse": False} if method == "excel" else {}))
 
     (tmp / "warm.txt").write_text(ids[0] + "\n")
     stage(str(tmp / "warm"), tmp / "warm.txt")  # warm-up, as for the other two timings
     summary = stage(str(tmp / "cams"), split)
     stage_s = summary.seconds / max(summary.written, 1)
+    ex_summary = stage(str(tmp / "cams_excel"), split, "excel")
+    ex_stage_s = ex_summary.seconds / max(ex_summary.written, 1)
 
     print(f"CPU, {torch.get_num_threads()} threads, random ViT-B/16, 512x384 input (768 patches), 3 labels/image")
     print(f"  floor (plain no-grad encoder forward) : {floor:7.3f} s/img   1.00x")
@@ -92,14 +100,18 @@ def cpu_bench(args, ckpt: Path, tmp: Path) -> None:
     print(f"  stage (decode, CAMs, write; {summary.written} imgs)   : {stage_s:7.3f} s/img   {stage_s / floor:.2f}x floor"
           f"   (target <= 1.3x)")
     print(f"  reference per-class loop              : {reference_s:7.3f} s/img   {reference_s / floor:.2f}x floor")
+    print(f"  ExCEL engine (calibrated fwd+refine)  : {excel_s:7.3f} s/img   {excel_s / floor:.2f}x floor")
+    print(f"  ExCEL stage (decode, CAMs, write)     : {ex_stage_s:7.3f} s/img   "
+          f"{ex_stage_s / floor:.2f}x floor")
     print(f"  speed-up of the stage over the reference loop: {reference_s / stage_s:.2f}x   (target >= 3x)")
 
 
 def gpu_bench(args, ckpt: Path) -> None:
     voc = builtin("voc")
-    for dtype in (torch.float16, torch.bfloat16):
+    runs = [("clipes", torch.float16), ("clipes", torch.bfloat16), ("excel", torch.float32), ("excel", torch.float16)]
+    for method, dtype in runs:
         model = load_clip(ckpt, device="cuda", dtype=dtype)
-        engine = CAMEngine(model, voc)
+        engine = CAMEngine(model, voc) if method == "clipes" else ExcelEngine(model, voc, ExcelConfig(tse=False))
         for bs in args.gpu_batches:
             x = torch.randn(bs, 3, 384, 512, device="cuda", dtype=dtype)
             labels = [LABELS[i % len(LABELS)] for i in range(bs)]
@@ -116,7 +128,7 @@ def gpu_bench(args, ckpt: Path) -> None:
             visual = model.visual
             with torch.no_grad():
                 floor = timed(lambda: (visual(x), torch.cuda.synchronize()), args.repeat)
-            print(f"  GPU {str(dtype).removeprefix('torch.')} batch {bs:3d}: {bs / per:8.1f} img/s "
+            print(f"  GPU {method:6s} {str(dtype).removeprefix('torch.'):8s} batch {bs:3d}: {bs / per:8.1f} img/s "
                   f"(floor {bs / floor:8.1f} img/s), peak {peak:.2f} GiB")
         model = engine = None
         torch.cuda.empty_cache()

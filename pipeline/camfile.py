@@ -2,9 +2,10 @@
 
 ``<out>/<image_id>.npz`` holds:
   - ``keys``       int64 (K,)      0-based foreground class ids, in label order
-  - ``cams``       float32 (K,h,w) CAA-refined CAMs at patch resolution, each min-max normalised
+  - ``cams``       float32 (K,h,w) refined CAMs at patch resolution, each min-max normalised
   - ``image_size`` int64 (2,)      original (H, W)
-  - ``cams_init``  float32 (K,h,w) GradCAM maps before CAA (only with ``--save-init``)
+  - ``cams_init``  float32 (K,h,w) maps before refinement (only with ``--save-init``): GradCAM for
+                                   CLIP-ES, the static patch-text CAMs for ExCEL
 """
 from __future__ import annotations
 

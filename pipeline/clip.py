@@ -65,8 +65,7 @@ def intra_correlation(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     s = (attention_weights(q, q) + attention_weights(k, k) + attention_weights(v, v)) / 3
     if relation is not None:
-        s = torch.cat([s[:, :, :1], torch.cat([s[:, :, 1:, :1], s[:, :, 1:, 1:] + relation[:, None].to(s.dtype)],
-                                              dim=-1)], dim=-2)
+        s = s + F.pad(relation, (1, 0, 1, 0)).unsqueeze(1).to(s.dtype)  # zero CLS row and column
     return s.sum(dim=1)
 
 

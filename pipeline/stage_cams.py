@@ -1,4 +1,5 @@
-"""The CAM stage: a dataset split -> one ``<out>/<image_id>.npz`` per image (see ``camfile``).
+"""The CAM stage: a dataset split -> one ``<out>/<image_id>.npz`` per image (see ``camfile``), by
+one of the CAM methods of ``pipeline.cams`` (CLIP-ES or ExCEL).
 
 Resumable (finished images are skipped), refuses to mix configurations (``manifest.json``),
 logs per-image failures to ``errors.json`` while the rest completes, shards by rank under

@@ -98,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
         cam_options = clipes
     cam_options = {k: v for k, v in {"template": a.prompt, **cam_options}.items() if v is not None}
     split = a.split or {"voc": "train_aug", "coco": "train", "folder": "all"}[a.dataset]
-    return CamsConfig(dataset=a.dataset, root=a.root, split=split, clip=a.clip, out=a.out or f"outputs/{a.dataset}/{'cams' if a.method == 'clipes' else 'cams_excel'}",
-                      method=a.method,
+    out = a.out or f"outputs/{a.dataset}/{'cams' if a.method == 'clipes' else 'cams_excel'}"
+    return CamsConfig(dataset=a.dataset, root=a.root, split=split, clip=a.clip, out=out, method=a.method,
                       classes=a.classes, labels=a.labels, masks=a.masks, save_init=a.save_init, device=a.device,
                       precision=a.precision, batch_size=a.batch_size, workers=a.workers, overwrite=a.overwrite,
                       exact=not a.fixed, max_patches=a.max_patches, exif_transpose=a.exif_transpose,

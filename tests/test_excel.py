@@ -16,7 +16,7 @@ from pipeline.cams import excel, tse
 from pipeline.camfile import load_cams
 from pipeline.classes import ClassList, builtin
 from pipeline.clip import CLIPArch
-from pipeline.randomclip import random_clip, save_clip
+from pipeline.randomclip import random_clip
 from pipeline.stage_cams import CamsConfig, run_cams
 from stages.cams import main as cams_main
 
@@ -232,6 +232,11 @@ def test_bad_bank_and_description_files_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=messages[name]) as e:
             tse.load_descriptions(tmp_path / name, classes)
         assert str(tmp_path / name) in str(e.value)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"a": ["red", "round", "red"], "b": ["blue", "square"]}))
+    with pytest.raises(ValueError, match="good.json: 5 attributes asked for, but 2 classes with 4 distinct"):
+        excel.make_config("folder", classes, True, None, {"descriptions": str(good), "attributes": 5})
+    assert excel.make_config("folder", classes, True, None, {"descriptions": str(good)}).attributes == 4
 
 
 def test_shipped_descriptions_cover_the_vocabularies():
@@ -307,6 +312,14 @@ def test_stage_square_input_static_maps_and_option_errors(tmp_path, tiny_clip_pa
     image, size = excel.load_for_model(root / "JPEGImages" / "2007_000001.jpg", input_size=64)
     static, _ = engine.maps(image[None])
     np.testing.assert_allclose(d["cams_init"], static[0, [7, 11]].numpy(), rtol=1e-5, atol=1e-6)
+    # PAR labels take the CAM stage's square input size from its manifest for their guide image
+    from pipeline.datasets import build_dataset
+    from pipeline.pseudo import PseudoConfig, run_pseudo
+
+    res = run_pseudo(build_dataset("voc", root), ["2007_000001"], out, tmp_path / "pseudo",
+                     PseudoConfig(refine="par", require_gt=False), n_jobs=1, progress=False)
+    assert res["failed"] == 0
+    assert json.loads((tmp_path / "pseudo" / "manifest.json").read_text())["config"]["par_input_size"] == 64
     # CLIP-ES-only flags and ExCEL-only flags are refused with the other method
     base = ["--dataset", "voc", "--root", str(root), "--split", str(split), "--clip", str(tiny_clip_path)]
     with pytest.raises(SystemExit):

@@ -93,10 +93,10 @@ def make_config(dataset: str, classes: ClassList, exact: bool, box_threshold: fl
     opts.setdefault("attributes", ATTRIBUTES.get(dataset, round(ATTRIBUTES_PER_CLASS * classes.num_classes)))
     if opts.get("tse", True):
         if opts.get("attribute_bank"):
-            bank = opts["attribute_bank"]
-            tse.load_bank(bank, classes)
-            opts.update(attribute_bank=str(Path(bank).resolve()), attribute_bank_sha256=sha256_file(bank),
-                        descriptions=None)
+            path = opts["attribute_bank"]
+            bank = tse.load_bank(path, classes)
+            opts.update(attribute_bank=str(Path(path).resolve()), attribute_bank_sha256=sha256_file(path),
+                        attributes=len(bank.centres), descriptions=None)
         else:
             path = opts.get("descriptions") or (str(DATA_DIR / "descriptions" / f"{dataset}.json")
                                                 if dataset in ATTRIBUTES else None)
@@ -104,7 +104,13 @@ def make_config(dataset: str, classes: ClassList, exact: bool, box_threshold: fl
                 raise ValueError("ExCEL's text enrichment needs descriptions of this vocabulary's classes: pass "
                                  "--descriptions FILE (JSON: class -> list of descriptions), --attribute-bank FILE, "
                                  "or --no-tse")
-            tse.load_descriptions(path, classes)
+            distinct = sum(len(set(d)) for d in tse.load_descriptions(path, classes))
+            if "attributes" not in options and dataset not in ATTRIBUTES:
+                opts["attributes"] = min(opts["attributes"], distinct)
+            if not classes.num_classes <= opts["attributes"] <= distinct:
+                raise ValueError(f"{path}: {opts['attributes']} attributes asked for, but {classes.num_classes} classes "
+                                 f"with {distinct} distinct descriptions allow {classes.num_classes} to {distinct} "
+                                 "(--attributes)")
             opts.update(descriptions=str(Path(path).resolve()), descriptions_sha256=sha256_file(path))
     else:
         opts.update(descriptions=None, attribute_bank=None)
