@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 
 import numpy as np
 import PIL.Image
@@ -331,17 +332,26 @@ class InjectedCAMs:
         return InitialCAMs(out.cams, out.valid, out.classes, real.attention_last)
 
 
-LEARN = {"iters": 120, "early": 20, "window": 20}
+# Measured (300 iterations, one thread, about 10 CPU minutes on a shared machine): the first 20
+# iterations' labels 0.487 mIoU, the decoder on held-out scenes 0.537; diversity loss 0.4865 (first 20
+# iterations) -> 0.4183 (last 20). With the dynamic phase from iteration 150 (``online.switch_iter``)
+# the loss falls as far (0.4125) but the decoder ends at 0.451: a random CLIP's attention filtered
+# with A_f refines nothing, and its dynamic pass carries no signal to replace the injected CAMs.
+LEARN = {"iters": 300, "early": 20, "window": 20}
+MARGIN_DIVERSITY = 0.03
+MARGIN_DECODER = 0.02
 
 
+@pytest.mark.skipif(os.environ.get("CLIP_WSSS_LONG") != "1",
+                    reason="about 10 CPU minutes: CLIP_WSSS_LONG=1 pytest tests/test_excel_train.py -k learns")
 def test_excel_learns_from_injected_static_cams(tmp_path_factory, tmp_path):
     data = make_data(tmp_path_factory.mktemp("excel_learn"), 32, 8, size=(96, 128), seed=1)
     it = LEARN["iters"]
-    sets = {"data.crop": 64, "data.scale_range": "[0.75,1.25]", "train.batch_size": 4, "schedule.iters": it,
-            "schedule.warmup_iters": 5, "train.log_every": 1, "train.val_every": it, "online.switch_iter": it // 2,
-            "online.segmentation_targets_from": 3 * it // 4, "online.tse": False, "model.width": 64,
+    sets = {"data.crop": 96, "data.scale_range": "[0.6,1.0]", "train.batch_size": 4, "schedule.iters": it,
+            "schedule.warmup_iters": 5, "train.log_every": 1, "train.val_every": it, "online.switch_iter": 10**6,
+            "online.segmentation_targets_from": None, "online.tse": False, "model.width": 64,
             "model.heads": 2, "model.eval_pos_via": 20, "train.seed": 1, "data.pseudo": None,
-            "val.long_side": None, **LEARN.get("sets", {})}
+            "val.long_side": None}
     cfg = load_config("configs/excel_voc.yaml", overrides(data, **sets))
     clip = random_clip(TINY, seed=3)
     ds = build_dataset("voc", data["root"], data["classes"])
@@ -372,6 +382,3 @@ def test_excel_learns_from_injected_static_cams(tmp_path_factory, tmp_path):
     assert late_aff < early_aff - MARGIN_DIVERSITY, (early_aff, late_aff)
     assert res["val_miou"] > labels_miou + MARGIN_DECODER, (res["val_miou"], labels_miou)
 
-
-MARGIN_DIVERSITY = 0.0
-MARGIN_DECODER = 0.0
