@@ -96,7 +96,7 @@ def test_online_mode_refuses_datasets_whose_labels_live_in_masks(data, tmp_path)
 
     ds = build_dataset("coco", data["root"], data["classes"])
     with pytest.raises(ConfigError, match="labels file"):
-        image_level_samples(ds, str(data["train"]), lambda *_: None)
+        image_level_samples(ds, str(data["train"]))
 
 
 # ----------------------------------------------------------------------------- proof of learning
@@ -211,3 +211,21 @@ def test_online_ddp_two_cpu_processes_with_gloo(data, tmp_path):
     ck = ckpt_io.load(tmp_path / "ddp")
     assert ck["iteration"] == 2 and len(ck["rng"]) == 2
     assert len(rows(tmp_path / "ddp")) == 2
+
+
+def test_folder_dataset_image_level_labels_from_csv(tmp_path):
+    from pipeline.train import image_level_samples
+
+    (tmp_path / "imgs").mkdir()
+    for i in ("a", "b"):
+        PIL.Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / f"{i}.jpg")
+    (tmp_path / "labels.csv").write_text("id,labels\na,bird;aeroplane\nb,boat\n")
+    (tmp_path / "classes.yaml").write_text("classes: [aeroplane, bicycle, bird, boat]\n")
+    ds = build_dataset("folder", tmp_path / "imgs", tmp_path / "classes.yaml", tmp_path / "labels.csv")
+    paths, labels = image_level_samples(ds, "all")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["a.jpg", "b.jpg"]
+    assert labels == [[0, 2], [3]]                               # ascending, as the reference's classes
+    (tmp_path / "labels.csv").write_text("id,labels\na,bird\nb,boat\nc,bird\n")
+    ds = build_dataset("folder", tmp_path / "imgs", tmp_path / "classes.yaml", tmp_path / "labels.csv")
+    with pytest.raises(ValueError, match="c.jpg: image file not found"):
+        image_level_samples(ds, "all")
