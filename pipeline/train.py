@@ -232,34 +232,26 @@ def open_data(cfg: Mapping, log: Callable[[str], None]):
     if not d["root"]:
         raise ConfigError("data.root: the dataset folder is required (e.g. data.root=~/data/VOC2012)")
     ds = build_dataset(d["dataset"], d["root"], d["classes"], d["labels"], d["masks"])
-    if cfg["online"]["method"] is not None:
-        return ds, image_level_samples(ds, d["split"], log), _val_samples(ds, cfg, log)
-    if d["supervision"] == "pseudo":
+    online = cfg["online"]["method"] is not None
+    if d["supervision"] == "pseudo" and not online:
         if not d["pseudo"]:
             raise ConfigError("data.pseudo: the pseudo-label folder is required (or data.supervision=gt)")
         if not Path(d["pseudo"]).expanduser().is_dir():
             raise FileNotFoundError(f"{d['pseudo']}: pseudo-label folder not found (run make pseudo first)")
-    labels_dir = Path(d["pseudo"]).expanduser() if d["supervision"] == "pseudo" else None
-    train = make_samples(ds, ds.ids(d["split"]), labels_dir)
-    val = _val_samples(ds, cfg, log)
-    log(f"data: {len(train)} training images ({'ground truth' if labels_dir is None else labels_dir}), "
-        f"{len(val)} validation images")
+    labels_dir = Path(d["pseudo"]).expanduser() if d["supervision"] == "pseudo" and not online else None
+    train = image_level_samples(ds, d["split"]) if online else make_samples(ds, ds.ids(d["split"]), labels_dir)
+    val = []
+    if d["val_split"]:
+        val_ids = ds.ids(d["val_split"])
+        if cfg["train"]["val_max_images"]:
+            val_ids = val_ids[: int(cfg["train"]["val_max_images"])]
+        val = make_samples(ds, val_ids, None)
+    source = "image-level labels, online pseudo labels" if online else "ground truth" if labels_dir is None else labels_dir
+    log(f"data: {len(train[0] if online else train)} training images ({source}), {len(val)} validation images")
     return ds, train, val
 
 
-def _val_samples(ds, cfg: Mapping, log: Callable[[str], None]):
-    from .segdata import make_samples
-
-    d = cfg["data"]
-    if not d["val_split"]:
-        return []
-    val_ids = ds.ids(d["val_split"])
-    if cfg["train"]["val_max_images"]:
-        val_ids = val_ids[: int(cfg["train"]["val_max_images"])]
-    return make_samples(ds, val_ids, None)
-
-
-def image_level_samples(ds, split: str, log: Callable[[str], None]) -> tuple[list[str], list[list[int]]]:
+def image_level_samples(ds, split: str) -> tuple[list[str], list[list[int]]]:
     """(image paths, ascending 0-based classes) of ``split`` for online training: the dataset's
     image-level labels (VOC XML, labels file), never its masks; every problem listed in one error."""
     from .datasets import Dataset, SampleError
@@ -280,7 +272,6 @@ def image_level_samples(ds, split: str, log: Callable[[str], None]) -> tuple[lis
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
         raise SampleError(f"{len(errors)} training images are unusable:\n  " + "\n  ".join(errors[:20]) + more)
-    log(f"data: {len(paths)} training images with image-level labels (online pseudo labels)")
     return paths, labels
 
 
