@@ -286,7 +286,8 @@ class VisionTransformer(nn.Module):
             residual = attn.merge_heads(a @ v)
             if i in attention_blocks:
                 out.attentions[i] = a.sum(dim=1) if calibrated_attention == "sum" else a.mean(dim=1)
-            p = p + attn.merge_heads(intra_correlation(q, k, v, relation).unsqueeze(1) @ v)
+            # one (L x L) @ (L x H·d) product applies the head-summed map to every head's values at once
+            p = p + attn.out_proj(intra_correlation(q, k, v, relation) @ v.transpose(1, 2).flatten(2))
             z = z + residual
             if features and i > first:  # the reference adds this residual in place to the stored input
                 feats.append(z)
