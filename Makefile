@@ -1,7 +1,7 @@
 # WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models. `make` alone lists the targets.
 # Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, VAL_SPLIT, CLIP (ViT-B-16.pt), PROMPT,
 # WHAT, JOBS (CRF processes), OUT, CAMS (CAM folder), ARGS (extra flags passed through); training: MODEL
-# (weclip|weclip-online|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
+# (weclip|weclip-online|excel|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
 # Paths may contain spaces; ARGS is passed to the shell as written.
 # METHOD (clipes|excel): CAM method of cams/cams-pseudo; with excel, cams/pseudo/eval/viz use the
 # outputs/<dataset>/{cams,pseudo}_excel folders and pseudo refines with PAR (ARGS="--refine crf" for the CRF).

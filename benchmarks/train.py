@@ -2,6 +2,15 @@
 
     python -m benchmarks.train                      # CPU (or the GPU when one is visible)
     python -m benchmarks.train --iters 20 --device cuda --amp bf16
+    python -m benchmarks.train --models weclip,weclip-online    # offline vs online labels, same model
+    python -m benchmarks.train --models weclip-online,excel      # WeCLIP's and ExCEL's online training
+
+weclip-online: the same WeCLIP model and optimiser, but each step also makes its labels (GradCAM of
+the crops' classes on the model's frozen pass, RFM in its second phase, PAR) and adds the affinity
+loss; each image gets 2 random classes. excel: ExCEL's model (calibrated encoder over 12 blocks, 6.3M
+trainable parameters) with its online labels in the costlier second phase (a second, dynamic encoder
+pass for the CAMs, A_f-filtered RFM, PAR) and the diversity loss from the segmentation; lr 1e-4 x 10;
+no text enrichment (it is set up once, outside the timed steps).
 
 WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (SPEC 7.8). DeepLabV2: the model of
 configs/deeplab_voc.yaml (deeplab-pytorch's MSC ResNet-101: forward and loss at scales 1, 0.5, 0.75 and
@@ -21,6 +30,10 @@ import time
 
 SETTINGS = {"weclip": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
                                                           "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
+            "weclip-online": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
+                                                                 "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
+            "excel": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 1e-4, "head_lr_mult": 10,
+                                                         "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
             "deeplabv2": {"batch": 5, "crop": 321, "optim": {"name": "sgd", "lr": 2.5e-4, "head_lr_mult": 10,
                                                              "weight_decay": 5e-4, "momentum": 0.9}}}
 
@@ -29,15 +42,32 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     import torch
 
     from pipeline.models import build_model, trainable_parameters
-    from pipeline.train import amp_dtype, autocast, build_optimizer, load_config, model_loss
+    from pipeline.losses import affinity_labels, affinity_loss
+    from pipeline.train import amp_dtype, autocast, build_optimizer, load_config, model_loss, segmentation_loss
 
     s = SETTINGS[name]
     dev = torch.device(device)
     torch.manual_seed(0)
-    if name == "weclip":
+    maker = None
+    if name.startswith("weclip"):
         from pipeline.randomclip import VIT_B_16, random_clip
 
-        model = build_model({"name": "weclip"}, 21, clip=random_clip(VIT_B_16, seed=0))
+        clip = random_clip(VIT_B_16, seed=0)
+        model = build_model({"name": "weclip"}, 21, clip=clip)
+        if name == "weclip-online":
+            from pipeline.classes import builtin
+            from pipeline.online import OnlineBatch, build_label_maker
+
+            maker = build_label_maker({"method": "weclip", "switch_iter": 0}, clip, builtin("voc"))
+    elif name == "excel":
+        from pipeline.classes import builtin
+        from pipeline.online import OnlineBatch, build_label_maker
+        from pipeline.randomclip import VIT_B_16, random_clip
+
+        clip = random_clip(VIT_B_16, seed=0)
+        model = build_model({"name": "excel"}, 21, clip=clip)
+        maker = build_label_maker({"method": "excel", "switch_iter": 0, "segmentation_targets_from": 0,
+                                   "tse": False}, clip, builtin("voc"), model_cfg={"name": "excel"}, dataset="voc")
     else:
         cfg = load_config("configs/deeplab_voc.yaml")["model"]
         model = build_model({**cfg, "name": name, "freeze_bn": True}, 21, log=lambda *_: None)
@@ -56,8 +86,19 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
             torch.cuda.synchronize(dev)
         t = time.perf_counter()
         with autocast(dev, dtype):
-            logits = model(x)
-        loss = model_loss(model, logits, y)
+            if maker is None:
+                logits = model(x)
+            else:
+                out = model(x, outputs="train", attention_blocks=maker.attention_blocks)
+                batch = OnlineBatch(x, [[b % 20, (b + 7) % 20] for b in range(len(x))], [(b, b) for b in range(len(x))])
+                made = maker(batch, out, i)
+                labels = made.labels
+                pairs = labels if made.affinity_targets is None else made.affinity_targets
+        if maker is None:
+            loss = model_loss(model, logits, y)
+        else:
+            loss = segmentation_loss(out["logits"], labels, "bgfg") + \
+                0.1 * affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], 8))
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -82,7 +123,7 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="weclip,deeplabv2")
+    p.add_argument("--models", default="weclip,weclip-online,excel,deeplabv2")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -69,3 +69,32 @@ def refine(trans: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torc
     K, h, w = cams.shape
     r = (trans @ (masks * cams).reshape(K, h * w).t()).t().reshape(K, h, w)
     return minmax(r)
+
+
+# ------------------------------------------------------------- WeCLIP's refinement module (RFM)
+def decoder_affinity(features: torch.Tensor) -> torch.Tensor:
+    """Decoder feature map F_u (B, D, h, w) -> its patch affinity sigmoid(F_uᵀ F_u), float32 (B, n, n)
+    on raw dot products (WeCLIP Eq. 4)."""
+    f = features.float().flatten(2)                                  # (B, D, n)
+    return torch.sigmoid(f.transpose(1, 2) @ f)
+
+
+def layer_filter(attentions: torch.Tensor, affinity: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """WeCLIP's layer filter G_e as its code has it: attentions (B, L, n, n), affinity (B, n, n) ->
+    the mean of the maps kept, (B, n, n).
+
+    Per image, d_l = Σ_ij (affinity - A_l)_ij (signed, not absolute), τ = mean_l d_l, map l is kept
+    when d_l <= τ; mean = Σ_l g_l A_l / (Σ_l g_l + eps). (The paper writes "<" and an absolute gap.)
+    """
+    a = attentions.float()
+    d = (affinity.float()[:, None] - a).sum(dim=(-2, -1))            # (B, L)
+    keep = (d <= d.mean(dim=1, keepdim=True)).to(a.dtype)
+    return (keep[:, :, None, None] * a).sum(dim=1) / (keep.sum(dim=1)[:, None, None] + eps)
+
+
+def refine_batch(trans: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Batched ``refine``: trans (B, n, n), cams and masks (B, K, h, w) -> (B, K, h, w), each map
+    R_i = Σ_k A_ik B_k M_k then min-max."""
+    x = (masks * cams).flatten(-2)                                   # (B, K, n)
+    r = (x @ trans.transpose(-2, -1)).reshape(cams.shape)
+    return minmax(r)

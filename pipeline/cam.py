@@ -17,7 +17,7 @@ import torch
 
 from .affinity import box_masks, mean_attention, minmax, refine, transition_matrix
 from .classes import ClassList
-from .clip import CLIP, acc_dtype, attention_weights
+from .clip import CLIP, Intermediates, acc_dtype, attention_weights
 from .text import text_variants
 
 
@@ -156,22 +156,34 @@ class CAMEngine:
         self.text = text_variants(model, classes, cfg.template, cfg.fusion, cfg.synonyms, cfg.background)
         self.logit_scale = float(model.logit_scale.exp())
 
-    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> list[CAMResult]:
-        """images (B, 3, H', W') normalised, H', W' multiples of the patch size; labels[b] the 0-based
-        foreground ids of image b (non-empty, label order). Returns one ``CAMResult`` per image."""
-        if any(len(lab) == 0 for lab in labels):
-            raise ValueError("every image needs at least one label")
+    def encode(self, images: torch.Tensor, extra_attention: int = 0) -> Intermediates:
+        """The frozen no-grad pass ``initial_cams`` starts from: blocks 1..L-1 (all L for the reference's
+        76-patch quirk) with the head-averaged attention of the blocks CAA uses, plus ``extra_attention``
+        earlier blocks (callers that want more maps, e.g. WeCLIP's layer filter)."""
         visual = self.model.visual
-        cfg = self.config
         p = visual.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         n_blocks = len(visual.blocks)
         # SPEC 10.4: the reference's "run every block iff there are 77 tokens" test, meant for text.
-        first = n_blocks if cfg.exact and grid[0] * grid[1] + 1 == self.model.arch.context_length else n_blocks - 1
-        keep = cfg.attention_layers - 1  # the last block's map is added below
+        first = n_blocks if self.config.exact and grid[0] * grid[1] + 1 == self.model.arch.context_length else n_blocks - 1
+        keep = self.config.attention_layers - 1 + extra_attention  # the last block's map comes from initial_cams
         with torch.no_grad():
-            inter = visual.forward_intermediates(images, n_blocks=first, attention="mean",
-                                                 attention_blocks=range(first - keep, first))
+            return visual.forward_intermediates(images, n_blocks=first, attention="mean",
+                                                attention_blocks=range(max(first - keep, 0), first))
+
+    def initial_cams(self, inter: Intermediates, labels: Sequence[Sequence[int]], grid: tuple[int, int]
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Softmax-GradCAM of every label of every image from a finished frozen pass.
+
+        inter: ``forward_intermediates`` output whose ``tokens`` enter the last block (from ``encode``,
+        or from a model that already ran blocks 1..L-1 for its own use); grid (h, w) patches.
+        Returns (per image (K_b, h, w) float maps in label order, the last block's head-averaged
+        attention (B, 1+n, 1+n) computed without grad). One backward covers all images and classes.
+        """
+        if any(len(lab) == 0 for lab in labels):
+            raise ValueError("every image needs at least one label")
+        visual = self.model.visual
+        cfg = self.config
         last = visual.blocks[-1]
         variants = len(self.text)
         inits: list[torch.Tensor | None] = [None] * len(labels)
@@ -199,6 +211,18 @@ class CAMEngine:
             inits = [minmax(m / variants) for m in inits]
         with torch.no_grad():
             attn_last = attention_weights(q.detach(), k.detach()).mean(dim=1)
+        return inits, attn_last
+
+    def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> list[CAMResult]:
+        """images (B, 3, H', W') normalised, H', W' multiples of the patch size; labels[b] the 0-based
+        foreground ids of image b (non-empty, label order). Returns one ``CAMResult`` per image."""
+        if any(len(lab) == 0 for lab in labels):
+            raise ValueError("every image needs at least one label")
+        cfg = self.config
+        p = self.model.visual.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        inter = self.encode(images)
+        inits, attn_last = self.initial_cams(inter, labels, grid)
         attns = [inter.attentions[i] for i in sorted(inter.attentions)] + [attn_last]
         attn = mean_attention(attns, cfg.attention_layers)
         trans = transition_matrix(attn, cfg.sinkhorn_rounds, cfg.power) if cfg.affinity == "caa" else attn

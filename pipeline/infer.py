@@ -4,7 +4,10 @@ palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` 
 Per image: optional resize of the long side (WeCLIP: 512), then for each scale s the logits of the
 image and of its mirror (flipped back) are averaged, resized to the image size, averaged over scales,
 softmaxed; the CRF (when on) refines these probabilities with the guide image and parameters of its
-preset (default by model family: WeCLIP's for weclip models, deeplab-pytorch's for DeepLab).
+preset (default by model family: WeCLIP's for weclip models, ExCEL's for excel, deeplab-pytorch's for DeepLab).
+``square`` instead resizes the whole image to a square of side square·s at each scale (ExCEL's
+protocol, preset ``excel``: 320 x {0.7, 1.0, 1.2, 1.5}, no mirror at 1.0), which distorts the aspect
+ratio; the default keeps it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from .viz import overlay
 @dataclass(frozen=True)
 class InferConfig:
     """scales: relative to the (resized) image; long_side: resize the long side to this first (None: keep);
+    square: instead resize the image to a square of side int(square·s) at each scale s (None: keep the
+    aspect ratio); unflipped_scales: scales at which the mirrored image is not added even with ``flip``;
     window/stride: sliding-window tile and step in pixels when a side exceeds ``window`` (None: whole image);
     crf: dense CRF on the softmax with ``crf_preset`` (None: by model family, see ``crf_preset_for``),
     ``crf_params`` overriding the preset's numbers, on ``crf_backend`` ('auto' | 'torch' | 'pydensecrf'),
@@ -41,6 +46,8 @@ class InferConfig:
     scales: tuple[float, ...] = (1.0, 0.75)
     flip: bool = True
     long_side: int | None = None
+    square: int | None = None
+    unflipped_scales: tuple[float, ...] = ()
     window: int | None = None
     stride: int | None = None
     crf: bool = False
@@ -56,6 +63,8 @@ class InferConfig:
             preset(self.crf_preset)
         if self.crf_backend not in BACKENDS:
             raise ValueError(f"crf_backend must be one of {BACKENDS}, got {self.crf_backend!r}")
+        if self.square is not None and self.long_side is not None:
+            raise ValueError("inference: give either square (fixed square input) or long_side, not both")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, model: str | None = None) -> "InferConfig":
@@ -64,8 +73,9 @@ class InferConfig:
         d = dict(d or {})
         if "crf_params" in d and isinstance(d["crf_params"], dict):
             d["crf_params"] = CRFParams(**d["crf_params"])
-        if "scales" in d:
-            d["scales"] = tuple(float(s) for s in d["scales"])
+        for key in ("scales", "unflipped_scales"):
+            if key in d:
+                d[key] = tuple(float(s) for s in d[key] or ())
         if d.get("crf_preset") is None and model:
             d["crf_preset"] = crf_preset_for(model)
         return cls(**d)
@@ -87,8 +97,26 @@ class InferConfig:
 
 
 def crf_preset_for(model: str) -> str:
-    """The CRF preset of a model family: WeCLIP's for weclip models, deeplab-pytorch's otherwise."""
-    return "weclip" if model.startswith("weclip") else "deeplab"
+    """The CRF preset of a model family: WeCLIP's for weclip models, ExCEL's for excel, deeplab-pytorch's
+    otherwise."""
+    if model.startswith("weclip"):
+        return "weclip"
+    return "excel" if model == "excel" else "deeplab"
+
+
+# Named inference protocols (``--preset``), applied over a checkpoint's stored settings.
+INFER_PRESETS: dict[str, dict[str, Any]] = {
+    # ExCEL's test script: square 320 x {0.7, 1.0, 1.2, 1.5}, mirrored except at 1.0
+    "excel": {"square": 320, "long_side": None, "scales": (0.7, 1.0, 1.2, 1.5), "flip": True,
+              "unflipped_scales": (1.0,), "window": None},
+}
+
+
+def infer_preset(name: str) -> dict[str, Any]:
+    """The ``InferConfig`` fields of inference preset ``name``."""
+    if name not in INFER_PRESETS:
+        raise ValueError(f"unknown inference preset {name!r}; choose one of {', '.join(INFER_PRESETS)}")
+    return dict(INFER_PRESETS[name])
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -127,7 +155,8 @@ def window_logits(model: nn.Module, x: torch.Tensor, window: int | None, stride:
 
 @torch.no_grad()
 def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
-    """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2."""
+    """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2
+    (logits alone at ``unflipped_scales``)."""
     H, W = x.shape[-2:]
     base = x
     if cfg.long_side:
@@ -135,9 +164,13 @@ def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Ten
         base = F.interpolate(x, size=(int(H * r), int(W * r)), mode="bilinear", align_corners=False)
     total = None
     for s in cfg.scales:
-        xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
+        if cfg.square:
+            side = int(cfg.square * s)
+            xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        else:
+            xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
         logits = window_logits(model, xs, cfg.window, cfg.stride, cfg.batch_tiles)
-        if cfg.flip:
+        if cfg.flip and s not in cfg.unflipped_scales:
             flipped = window_logits(model, xs.flip(-1), cfg.window, cfg.stride, cfg.batch_tiles)
             logits = (logits + flipped.flip(-1)) / 2
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)

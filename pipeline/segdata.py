@@ -260,3 +260,33 @@ def make_samples(dataset, ids: Sequence[str], labels_dir: str | Path | None) -> 
             label = str(Path(labels_dir) / f"{i}.png")
         out.append(Sample(i, str(dataset.image_path(i)), label))
     return out
+
+
+class ImageLevelTrainSet(torch.utils.data.Dataset):
+    """Training crops with image-level labels only (online pseudo labels; no label maps are read).
+
+    images: image paths; labels: per image its 0-based foreground classes. Items are (sample index,
+    global sample counter) pairs from ``ResumableBatchSampler``; returns (image float32 (3, c, c),
+    multi-hot float32 (num_classes,), key int64 (2,) = (index, counter)). The augmentation draws are
+    ``SegTrainSet``'s for the same counter (they depend on the image size only), so a label map can be
+    cropped alongside when one is wanted (tests)."""
+
+    def __init__(self, images: Sequence[str], labels: Sequence[Sequence[int]], num_classes: int, aug: AugConfig,
+                 seed: int):
+        self.images = list(images)
+        self.labels = [list(lab) for lab in labels]
+        self.num_classes = int(num_classes)
+        self.aug = aug
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, counter = item
+        image = load_rgb(self.images[index])
+        blank = np.zeros(image.shape[:2], np.uint8)
+        image, _ = augment(image, blank, self.aug, np.random.default_rng([self.seed, counter]))
+        hot = torch.zeros(self.num_classes)
+        hot[self.labels[index]] = 1
+        return normalize(image, self.aug.normalize), hot, torch.tensor([index, counter])

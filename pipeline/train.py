@@ -32,12 +32,15 @@ from torch import nn
 from . import checkpoint as ckpt_io
 from .classes import IGNORE_INDEX
 from .io import check_output_folder, code_version, write_bytes, write_json
+from .losses import LOSSES, affinity_labels, affinity_loss, segmentation_loss  # noqa: F401  (re-exported)
 
 # Every key a config may set; YAML files and --set overrides are merged onto this.
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "weclip", "clip": None, "encoder_blocks": None, "width": 256, "heads": 8, "depth": 3,
               "dropout": 0.1, "layers": [3, 4, 23, 3], "base_width": 64, "layout": "torchvision", "msc_scales": [],
-              "freeze_bn": "auto", "pretrained": None},
+              "freeze_bn": "auto", "pretrained": None,
+              "calibrated_blocks": 5, "attention_layers": 6, "pos_via": 20, "eval_pos_via": None, "exact": True,
+              "statistics": "batch", "relation_scale": 3.0},
     "data": {"dataset": "voc", "root": None, "classes": None, "labels": None, "masks": None,
              "split": "train_aug", "supervision": "pseudo", "pseudo": None, "val_split": "val",
              "crop": 320, "scale_range": [0.5, 2.0], "scales": None, "flip": True, "normalize": "imagenet",
@@ -47,16 +50,22 @@ DEFAULTS: dict[str, Any] = {
     "schedule": {"iters": 30000, "warmup_iters": 50, "warmup_ratio": 1.0e-6, "power": 1.0, "lr_step": 1},
     "train": {"batch_size": 4, "accum": 1, "seed": 1, "loss": "ce", "amp": "auto", "device": "auto",
               "ckpt_every": 2000, "keep_checkpoints": 2, "log_every": 20, "val_every": 2000,
-              "val_max_images": None},
-    "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "window": None, "stride": None,
-              "crf": False, "crf_preset": None, "crf_params": None, "crf_backend": "auto",
-              "crf_max_pixels": 1_000_000},
-    "val": {"scales": [1.0], "flip": False, "long_side": None, "window": None, "stride": None, "crf": False},
+              "val_max_images": None, "aff_weight": 0.0, "aff_radius": 8},
+    # online pseudo labels (pipeline/online): method null = labels from data.pseudo / ground truth;
+    # null settings take the method's own defaults (pipeline/online/<method>.py)
+    "online": {"method": None, "refine": None, "layer_filter": None, "static_layers": None, "filter_layers": None,
+               "switch_iter": None, "box_threshold": None, "par_iterations": None,
+               # ExCEL only: diversity-loss targets from the segmentation, text enrichment
+               "segmentation_targets_from": None, "tse": True, "descriptions": None, "attribute_bank": None},
+    "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],
+              "window": None, "stride": None, "crf": False, "crf_preset": None, "crf_params": None,
+              "crf_backend": "auto", "crf_max_pixels": 1_000_000},
+    "val": {"scales": [1.0], "flip": False, "long_side": None, "square": None, "window": None, "stride": None,
+            "crf": False},
 }
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE = {"data.workers", "train.ckpt_every", "train.keep_checkpoints", "train.log_every", "train.device",
                "train.val_every", "train.val_max_images", "data.root", "data.pseudo", "model.clip", "infer", "val"}
-LOSSES = ("ce", "bgfg")
 
 
 class ConfigError(ValueError):
@@ -118,6 +127,19 @@ def check_config(cfg: Mapping) -> None:
         raise ConfigError(f"optim.name must be adamw or sgd, got {cfg['optim']['name']!r}")
     if d["supervision"] not in ("pseudo", "gt"):
         raise ConfigError(f"data.supervision must be pseudo (labels from data.pseudo) or gt, got {d['supervision']!r}")
+    if cfg["model"]["statistics"] not in ("batch", "image"):
+        raise ConfigError(f"model.statistics must be batch or image, got {cfg['model']['statistics']!r}")
+    online = cfg["online"]["method"]
+    if online is not None:
+        from .online import METHODS
+
+        if online not in METHODS:
+            raise ConfigError(f"online.method must be one of {', '.join(METHODS)} or null, got {online!r}")
+    model = cfg["model"]["name"]
+    if online is not None and model != online:
+        raise ConfigError(f"online.method={online} makes labels for model.name={online}, not {model}")
+    if float(t["aff_weight"]) and model not in ("weclip", "excel"):
+        raise ConfigError(f"the affinity loss (train.aff_weight) needs model.name weclip or excel, not {model}")
     for key, v in (("schedule.iters", s["iters"]), ("schedule.lr_step", s["lr_step"]),
                    ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if not isinstance(v, int) or v < 1:
@@ -155,26 +177,6 @@ def lr_factor(step: int, iters: int, warmup_iters: int, warmup_ratio: float, pow
     if step < warmup_iters:
         return 1 - (1 - step / warmup_iters) * (1 - warmup_ratio)
     return max(0.0, 1 - every * (step // every) / iters) ** power
-
-
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
-    """logits (B, C, H, W), labels int64 (B, H, W) with 255 = ignore -> scalar.
-
-    'ce': mean cross-entropy over non-ignored pixels (the confidence-guided loss on offline labels).
-    'bgfg': WeCLIP's (CE over background pixels + CE over foreground pixels) / 2 (SPEC 7.7); a batch with
-    no pixel of one kind uses the other term alone (the reference would give NaN, SPEC 10.15).
-    Pixels labelled 255 get exactly zero gradient either way; an all-ignored batch gives 0.
-    """
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W), 0 at 255
-    valid = labels != IGNORE_INDEX
-    if kind == "ce":
-        return ce.sum() / valid.sum().clamp(min=1)
-    if kind == "bgfg":
-        bg = labels == 0
-        fg = valid & ~bg
-        terms = [ce[m].mean() for m in (bg, fg) if m.any()]
-        return sum(terms) / len(terms) if terms else ce.sum() * 0
-    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
 
 
 def model_loss(model: nn.Module, outputs, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
@@ -247,22 +249,47 @@ def open_data(cfg: Mapping, log: Callable[[str], None]):
     if not d["root"]:
         raise ConfigError("data.root: the dataset folder is required (e.g. data.root=~/data/VOC2012)")
     ds = build_dataset(d["dataset"], d["root"], d["classes"], d["labels"], d["masks"])
-    if d["supervision"] == "pseudo":
+    online = cfg["online"]["method"] is not None
+    if d["supervision"] == "pseudo" and not online:
         if not d["pseudo"]:
             raise ConfigError("data.pseudo: the pseudo-label folder is required (or data.supervision=gt)")
         if not Path(d["pseudo"]).expanduser().is_dir():
             raise FileNotFoundError(f"{d['pseudo']}: pseudo-label folder not found (run make pseudo first)")
-    labels_dir = Path(d["pseudo"]).expanduser() if d["supervision"] == "pseudo" else None
-    train = make_samples(ds, ds.ids(d["split"]), labels_dir)
+    labels_dir = Path(d["pseudo"]).expanduser() if d["supervision"] == "pseudo" and not online else None
+    train = image_level_samples(ds, d["split"]) if online else make_samples(ds, ds.ids(d["split"]), labels_dir)
     val = []
     if d["val_split"]:
         val_ids = ds.ids(d["val_split"])
         if cfg["train"]["val_max_images"]:
             val_ids = val_ids[: int(cfg["train"]["val_max_images"])]
         val = make_samples(ds, val_ids, None)
-    log(f"data: {len(train)} training images ({'ground truth' if labels_dir is None else labels_dir}), "
-        f"{len(val)} validation images")
+    source = "image-level labels, online pseudo labels" if online else "ground truth" if labels_dir is None else labels_dir
+    log(f"data: {len(train[0] if online else train)} training images ({source}), {len(val)} validation images")
     return ds, train, val
+
+
+def image_level_samples(ds, split: str) -> tuple[list[str], list[list[int]]]:
+    """(image paths, ascending 0-based classes) of ``split`` for online training: the dataset's
+    image-level labels (VOC XML, labels file), never its masks; every problem listed in one error."""
+    from .datasets import Dataset, SampleError
+
+    if getattr(ds, "_labels", None) is None and type(ds)._own_labels is Dataset._own_labels:
+        raise ConfigError(f"{ds.root}: online training reads image-level labels, and this {ds.name} dataset has them "
+                          "only in its masks; pass a labels file (data.labels=..., e.g. CLIP-ES's COCO cls_labels)")
+    paths, labels, errors = [], [], []
+    for i in ds.ids(split):
+        path = ds.image_path(i)
+        try:
+            if not Path(path).is_file():
+                raise SampleError(f"{path}: image file not found (image id {i})")
+            labels.append(sorted(ds.labels(i)))
+            paths.append(str(path))
+        except SampleError as e:
+            errors.append(str(e))
+    if errors:
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise SampleError(f"{len(errors)} training images are unusable:\n  " + "\n  ".join(errors[:20]) + more)
+    return paths, labels
 
 
 def aug_config(d: Mapping):
@@ -277,7 +304,7 @@ def aug_config(d: Mapping):
 class RunLog:
     """CSV log (rewritten on resume up to the resume point) plus TensorBoard when installed."""
 
-    FIELDS = ("iteration", "loss", "lr", "seconds", "iters_per_s", "peak_mem_mb", "val_miou_pct")
+    FIELDS = ("iteration", "loss", "lr", "seconds", "iters_per_s", "peak_mem_mb", "val_miou_pct", "loss_seg", "loss_aff")
 
     def __init__(self, out: Path, start: int, tensorboard: bool, log: Callable[[str], None]):
         self.path = out / "log.csv"
@@ -303,7 +330,7 @@ class RunLog:
         self.csv.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.FIELDS})
         self.file.flush()
         if self.tb:
-            for k in ("loss", "lr", "iters_per_s", "peak_mem_mb", "val_miou_pct"):
+            for k in ("loss", "lr", "iters_per_s", "peak_mem_mb", "val_miou_pct", "loss_seg", "loss_aff"):
                 if row.get(k) is not None:
                     self.tb.add_scalar(f"train/{k}" if k != "val_miou_pct" else "val/miou_pct", row[k], row["iteration"])
 
@@ -333,8 +360,11 @@ def validate(model: nn.Module, samples, cfg: Mapping, device: torch.device, num_
 
 def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: int | None = None,
           progress: bool = True, tensorboard: bool = True, clip_model: nn.Module | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
+          label_maker=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train per ``cfg`` into ``out_dir``; returns {iteration, loss, val_miou (0..1), checkpoint, seconds}.
+
+    With ``online.method`` set, each batch's labels are made while training (``pipeline.online``) from
+    the images' image-level labels; ``label_maker`` replaces the configured one (tests).
 
     ``stop_at``: save and return after this iteration (the schedule still spans ``schedule.iters``;
     ``resume=True`` continues). ``clip_model``: a CLIP module to use instead of ``model.clip`` (tests).
@@ -361,13 +391,15 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     seed_all(seed + rank)
 
     # -- inputs, checked in full before anything trains -------------------------------------------
+    online = cfg["online"]["method"] is not None
     ds, train_samples, val_samples = open_data(cfg, say)
     class_names = ["background", *ds.classes.names]
     n_cls = len(class_names)
     problem = None
     if rank == 0:
         try:
-            validate_samples(train_samples, n_cls - 1, "training")
+            if not online:  # online samples were checked when listed (image-level labels, no label maps)
+                validate_samples(train_samples, n_cls - 1, "training")
             if val_samples:
                 validate_samples(val_samples, n_cls - 1, "validation")
         except ValueError as e:
@@ -381,7 +413,19 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
         raise problem
 
     # -- model, optimiser, state ----------------------------------------------------------------
+    if online and clip_model is None:
+        from .clip import load_clip
+
+        if not cfg["model"]["clip"]:
+            raise ConfigError("model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for "
+                              f"{cfg['model']['name']}")
+        clip_model = load_clip(cfg["model"]["clip"], "cpu", torch.float32)
     model = build_model(cfg["model"], n_cls, clip=clip_model, log=say).to(device)
+    if online and label_maker is None:
+        from .online import build_label_maker
+
+        label_maker = build_label_maker(cfg["online"], clip_model, ds.classes, model_cfg=cfg["model"],
+                                        dataset=cfg["data"]["dataset"])
     say(f"model {cfg['model']['name']}: {trainable_parameters(model):,} trainable parameters")
     optimizer = build_optimizer(model, cfg["optim"])
     dtype = amp_dtype(t_cfg["amp"], device)
@@ -420,10 +464,19 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
 
     # -- data stream ----------------------------------------------------------------------------
     batch, accum = int(t_cfg["batch_size"]), int(t_cfg["accum"])
-    sampler = ResumableBatchSampler(len(train_samples), batch, seed, start * accum, rank, world)
+    sampler = ResumableBatchSampler(len(train_samples[0] if online else train_samples), batch, seed, start * accum,
+                                    rank, world)
     workers = int(cfg["data"]["workers"])
+    if online:
+        from .online import OnlineBatch
+        from .segdata import ImageLevelTrainSet
+
+        train_set = ImageLevelTrainSet(*train_samples, n_cls - 1, aug_config(cfg["data"]), seed)
+    else:
+        train_set = SegTrainSet(train_samples, aug_config(cfg["data"]), seed)
+    aff_w, aff_radius = float(t_cfg["aff_weight"]), int(t_cfg["aff_radius"])
     loader = torch.utils.data.DataLoader(
-        SegTrainSet(train_samples, aug_config(cfg["data"]), seed), batch_sampler=sampler, num_workers=workers,
+        train_set, batch_sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed))  # its own generator: the global RNG stays untouched
     batches = iter(loader)
@@ -442,18 +495,31 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                           int(s_cfg["lr_step"]))
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * f
-            loss_sum = 0.0
+            loss_sum = seg_sum = aff_sum = 0.0
             for k in range(accum):
-                images, labels = next(batches)
+                images, targets, *keys = next(batches)
                 images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
                 sync = world == 1 or k == accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with autocast(device, dtype):
-                        logits = model(images)
-                    loss = model_loss(model, logits, labels, t_cfg["loss"]) / accum
+                        if online:
+                            out = model(images, outputs="train", attention_blocks=label_maker.attention_blocks)
+                            batch_in = OnlineBatch(images, [torch.nonzero(t).flatten().tolist() for t in targets],
+                                                   [tuple(map(int, key)) for key in keys[0]])
+                            made = label_maker(batch_in, out, it)
+                            labels = made.labels
+                            pairs = labels if made.affinity_targets is None else made.affinity_targets
+                        else:
+                            out = model(images, outputs="train") if aff_w else {"logits": model(images)}
+                            labels = pairs = targets.to(device, non_blocking=True)
+                    loss_seg = model_loss(model, out["logits"], labels, t_cfg["loss"])
+                    loss_aff = affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], aff_radius)) \
+                        if aff_w else torch.zeros((), device=device)
+                    loss = (loss_seg + aff_w * loss_aff) / accum
                     scaler.scale(loss).backward()
                 loss_sum += float(loss.detach())
+                seg_sum += float(loss_seg.detach()) / accum
+                aff_sum += float(loss_aff.detach()) / accum
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -476,7 +542,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                               "seconds": round(now - t0, 3),
                               "iters_per_s": round((step - it_log) / max(now - t_log, 1e-9), 4),
                               "peak_mem_mb": peak_memory_mb(device),
-                              "val_miou_pct": round(100 * val_miou, 4) if do_val else None})
+                              "val_miou_pct": round(100 * val_miou, 4) if do_val else None,
+                              "loss_seg": round(seg_sum, 6), "loss_aff": round(aff_sum, 6) if aff_w else None})
                 t_log, it_log = now, step
             if step % int(t_cfg["ckpt_every"]) == 0 or step == end:
                 ck_path = _save(model, optimizer, scaler, meta, step, s_cfg, ckdir, int(t_cfg["keep_checkpoints"]),

@@ -23,6 +23,9 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
     """Checkpoint and inference flags (shared with stages.evaluate_model)."""
     p.add_argument("--checkpoint", required=True, help="checkpoint file or training run folder (uses its latest)")
     p.add_argument("--clip", default=None, help="CLIP checkpoint path, if not where the weclip run had it")
+    p.add_argument("--preset", default=None, choices=("excel",),
+                   help="a named inference protocol over the checkpoint's settings (other flags still apply): "
+                        "excel = ExCEL's square 320 x {0.7, 1.0, 1.2, 1.5}, mirrored except at 1.0")
     p.add_argument("--scales", default=None, help="comma-separated test scales, e.g. 1.0,0.75")
     p.add_argument("--flip", dest="flip", action="store_true", default=None, help="add flipped predictions")
     p.add_argument("--no-flip", dest="flip", action="store_false")
@@ -42,7 +45,9 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
 
 
 def infer_overrides(args: argparse.Namespace) -> dict:
-    d = {}
+    from pipeline.infer import infer_preset
+
+    d = infer_preset(args.preset) if args.preset else {}
     if args.scales:
         d["scales"] = [float(s) for s in args.scales.split(",")]
     for k in ("flip", "crf", "long_side", "window", "stride", "crf_preset", "crf_backend"):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..affinity import box_masks, mean_attention, refine, transition_matrix
 from ..cam import CAMResult
 from ..classes import DATA_DIR, ClassList
-from ..clip import CLIP
+from ..clip import CLIP, Calibrated
 from ..image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PATCHES, load_image, target_size
 from ..io import sha256_file
 from ..text import encode_prompts
@@ -197,21 +197,35 @@ class ExcelEngine:
         self.bank = bank
 
     @torch.no_grad()
+    def encode(self, images: torch.Tensor, relation: torch.Tensor | None = None,
+               features: bool = False) -> Calibrated:
+        """The calibrated forward with this method's settings (``relation``, ``features``: see
+        ``VisionTransformer.forward_calibrated``); attention of the last ``attention_layers`` blocks."""
+        cfg, visual = self.config, self.model.visual
+        n_blocks = len(visual.blocks)
+        return visual.forward_calibrated(images, cfg.calibrated_blocks,
+                                         attention_blocks=range(n_blocks - cfg.attention_layers, n_blocks),
+                                         calibrated_attention="sum" if cfg.exact else "mean", relation=relation,
+                                         features=features, pos_via=cfg.pos_via)
+
+    @torch.no_grad()
+    def cams_from(self, out: Calibrated, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch-text CAMs of every foreground class (B, C, h, w) float32 from an ``encode`` result."""
+        visual = self.model.visual
+        x = visual.ln_post(out.tokens) @ visual.proj.to(out.tokens.dtype)
+        x = x.float()
+        x = x / x.norm(dim=1 if self.config.exact else -1, keepdim=True)   # the reference normalises over tokens
+        cams = patch_text_cams(x, self.text, self.classes.num_classes, self.config.class_temperature)
+        return cams.transpose(1, 2).unflatten(-1, grid)
+
+    @torch.no_grad()
     def maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, h', w') -> (static CAMs of every foreground class (B, C, h, w) float32,
         refinement transition matrices (B, n, n) float32)."""
-        cfg, visual = self.config, self.model.visual
-        n_blocks = len(visual.blocks)
-        out = visual.forward_calibrated(images, cfg.calibrated_blocks,
-                                        attention_blocks=range(n_blocks - cfg.attention_layers, n_blocks),
-                                        calibrated_attention="sum" if cfg.exact else "mean", pos_via=cfg.pos_via)
-        x = visual.ln_post(out.tokens) @ visual.proj.to(out.tokens.dtype)
-        x = x.float()
-        x = x / x.norm(dim=1 if cfg.exact else -1, keepdim=True)   # the reference normalises over tokens
-        p = visual.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
-        cams = patch_text_cams(x, self.text, self.classes.num_classes, cfg.class_temperature)
-        cams = cams.transpose(1, 2).unflatten(-1, grid)
+        cfg = self.config
+        out = self.encode(images)
+        p = self.model.visual.patch_size
+        cams = self.cams_from(out, (images.shape[-2] // p, images.shape[-1] // p))
         attn = mean_attention([out.attentions[i] for i in sorted(out.attentions)], cfg.attention_layers)
         return cams, transition_matrix(attn, cfg.sinkhorn_rounds, cfg.power)
 

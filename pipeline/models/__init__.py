@@ -1,4 +1,5 @@
-"""Segmentation models trained on pseudo labels: WeCLIP's decoder on frozen CLIP, DeepLabV2/V3+.
+"""Segmentation models trained on pseudo labels: WeCLIP's decoder on frozen CLIP, ExCEL's calibrated
+variant of it, DeepLabV2/V3+.
 
 ``build_model(model_cfg, num_classes)`` is the one constructor the trainer, inference and
 benchmarks use; every model maps normalised images (B, 3, H, W) to logits (B, C, H, W) in eval mode,
@@ -15,13 +16,15 @@ import torch
 from torch import nn
 
 from .deeplab import LAYOUTS, RESNET101, DeepLab, LoadReport, load_pretrained, read_checkpoint_state
+from .excel import ExcelSeg
 from .weclip import WeCLIPDecoder, WeCLIPSeg, decoder_param_count
 
-MODELS = ("weclip", "deeplabv2", "deeplabv3plus")
+MODELS = ("weclip", "excel", "deeplabv2", "deeplabv3plus")
 # The input convention each ResNet layout's pretrained files expect (segdata.NORMALIZATIONS keys).
 LAYOUT_INPUTS = {"caffe": "caffe", "torchvision": "imagenet"}
 __all__ = ["MODELS", "LAYOUT_INPUTS", "build_model", "check_model_config", "trainable_parameters", "DeepLab",
-           "WeCLIPSeg", "WeCLIPDecoder", "decoder_param_count", "load_pretrained", "LoadReport", "RESNET101"]
+           "WeCLIPSeg", "WeCLIPDecoder", "ExcelSeg", "decoder_param_count", "load_pretrained", "LoadReport",
+           "RESNET101"]
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -33,18 +36,24 @@ def build_model(cfg: Mapping[str, Any], num_classes: int, clip: nn.Module | None
     """Model from the ``model:`` section of a training config, on the CPU in float32.
 
     weclip: ``clip`` (checkpoint path; or pass a CLIP module as ``clip``), ``encoder_blocks``, ``width``,
-    ``heads``, ``depth``, ``dropout``. deeplabv2 / deeplabv3plus: ``layers``, ``base_width``, ``layout``
+    ``heads``, ``depth``, ``dropout``. excel: the same but over all blocks, plus ``calibrated_blocks``,
+    ``attention_layers``, ``pos_via``, ``exact``, ``statistics``, ``relation_scale`` (see
+    ``excel.ExcelSeg``). deeplabv2 / deeplabv3plus: ``layers``, ``base_width``, ``layout``
     (caffe | torchvision), ``msc_scales`` (v2: extra input scales fused by max, [] = single scale),
     ``freeze_bn`` (auto = frozen when a pretrained file is given), ``pretrained`` (checkpoint path or null).
     """
     name = cfg.get("name")
-    if name == "weclip":
+    if name in ("weclip", "excel"):
         if clip is None:
             from ..clip import load_clip
 
             if not cfg.get("clip"):
-                raise ValueError("model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for weclip")
+                raise ValueError(f"model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for {name}")
             clip = load_clip(cfg["clip"], "cpu", torch.float32)
+        if name == "excel":
+            from .excel import build
+
+            return build(cfg, num_classes, clip)
         return WeCLIPSeg(clip, num_classes, cfg.get("encoder_blocks"), int(cfg.get("width", 256)),
                          int(cfg.get("heads", 8)), int(cfg.get("depth", 3)), float(cfg.get("dropout", 0.1)))
     if name in ("deeplabv2", "deeplabv3plus"):

@@ -51,19 +51,30 @@ class WeCLIPDecoder(nn.Module):
         self.transformer = nn.ModuleList(_init_clip_block(ResidualAttentionBlock(width, heads)) for _ in range(depth))
         self.classifier = nn.Conv2d(width, num_classes, kernel_size=1)
 
-    def forward(self, feats: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    def fused(self, feats: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
         """feats: ``num_blocks`` patch-token maps (B, n, in_dim), n = h*w row-major; grid (h, w)
-        -> logits (B, C, h, w) at patch resolution."""
+        -> fused features F_u (B, width, h, w) float32, after the dropout."""
         h, w = grid
         B = feats[0].shape[0]
         x = torch.cat([mlp(f.float()) for mlp, f in zip(self.mlps, feats)], dim=-1)   # (B, n, L*width)
         x = x.transpose(1, 2).reshape(B, -1, h, w)
-        x = self.dropout(self.fuse(x))                                                # F_u (B, width, h, w)
-        t = x.flatten(2).transpose(1, 2)                                              # (B, n, width)
+        return self.dropout(self.fuse(x))
+
+    def head(self, fused: torch.Tensor) -> torch.Tensor:
+        """F_u (B, width, h, w) -> logits (B, C, h, w): transformer refinement, 1x1 classifier."""
+        B, _, h, w = fused.shape
+        t = fused.flatten(2).transpose(1, 2)                                          # (B, n, width)
         for blk in self.transformer:
             t = blk(t)[0]
-        x = t.transpose(1, 2).reshape(B, -1, h, w)
-        return self.classifier(x)
+        return self.classifier(t.transpose(1, 2).reshape(B, -1, h, w))
+
+    def forward(self, feats: Sequence[torch.Tensor], grid: tuple[int, int], return_features: bool = False):
+        """feats as ``fused`` -> logits (B, C, h, w) at patch resolution; with ``return_features`` also
+        the fused map F_u (B, width, h, w) after dropout, before the transformer (WeCLIP's affinity is
+        built on it)."""
+        fused = self.fused(feats, grid)
+        logits = self.head(fused)
+        return (logits, fused) if return_features else logits
 
 
 class WeCLIPSeg(nn.Module):
@@ -103,11 +114,19 @@ class WeCLIPSeg(nn.Module):
         grid = (images.shape[-2] // self.patch, images.shape[-1] // self.patch)
         return self.decoder(feats, grid)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, outputs: str = "logits", attention_blocks: Sequence[int] = ()):
         """images (B, 3, H, W) normalised, any size -> logits (B, C, H, W) float32.
+
+        ``outputs='train'`` (crops whose sides are multiples of the patch size) returns a dict instead:
+        logits (B, C, H, W), affinity sigmoid(F_uᵀF_u) (B, n, n) float32, grid (h, w), and
+        intermediates, the frozen pass (``clip.Intermediates``: tokens entering the last block run,
+        block outputs, head-averaged attention of ``attention_blocks``) for online label makers. Going
+        through ``forward`` keeps DistributedDataParallel's gradient hooks in play.
 
         Sizes that are not multiples of the patch size are zero-padded bottom/right (the padding is
         cropped off again after the bilinear upsampling, align_corners=False as the reference)."""
+        if outputs == "train":
+            return self._train_outputs(images, attention_blocks)
         H, W = images.shape[-2:]
         Hp, Wp = math.ceil(H / self.patch) * self.patch, math.ceil(W / self.patch) * self.patch
         if (Hp, Wp) != (H, W):
@@ -115,6 +134,22 @@ class WeCLIPSeg(nn.Module):
         logits = self.forward_patch_logits(images)
         logits = F.interpolate(logits.float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
         return logits[..., :H, :W]
+
+    def _train_outputs(self, images: torch.Tensor, attention_blocks: Sequence[int]) -> dict:
+        from ..affinity import decoder_affinity
+
+        H, W = images.shape[-2:]
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"training crops must be multiples of the patch size {self.patch}, got {H}x{W}")
+        grid = (H // self.patch, W // self.patch)
+        idx = tuple(range(self.encoder_blocks))
+        with torch.no_grad():
+            inter = self.encoder.forward_intermediates(images, n_blocks=self.encoder_blocks, block_outputs=idx,
+                                                       attention="mean" if attention_blocks else None,
+                                                       attention_blocks=tuple(attention_blocks))
+        logits, fu = self.decoder([inter.blocks[i][:, 1:] for i in idx], grid, return_features=True)
+        logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+        return {"logits": logits, "affinity": decoder_affinity(fu), "grid": grid, "intermediates": inter}
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
         """Optimiser groups: only decoder parameters, all at lr x ``head_lr_mult`` (SPEC 7.8: 2e-4 x 10)."""
