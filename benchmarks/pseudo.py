@@ -216,10 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per worker count (best is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="keep the synthetic data here (default: a temp folder)")
-    p.add_argument("--crf-n", type=int, default=4, help="images per scenario in the CRF backend comparison")
+    p.add_argument("--crf-n", type=int, default=4, help="images per scenario in the CRF backend comparison (0: skip it)")
     p.add_argument("--crf-sizes", default="375x500:3,480x640:81", help="CRF comparison scenarios HxW:labels")
     p.add_argument("--crf-batch", type=int, default=8, help="images per batch for the batched GPU run")
-    p.add_argument("--agreement", type=int, default=6, help="scenes per preset for the torch/pydensecrf agreement")
+    p.add_argument("--agreement", type=int, default=6, help="scenes per preset for the torch/pydensecrf agreement (0: skip it)")
     p.add_argument("--only-crf", action="store_true", help="skip (1)-(3): only the CRF backend sections")
     a = p.parse_args(argv)
     H, W = (int(v) for v in a.size.lower().split("x"))
@@ -229,9 +229,10 @@ def main(argv=None) -> int:
     cores = max(jobs)
     scenarios = [((int(hw.split("x")[0]), int(hw.split("x")[1])), int(lab))
                  for hw, lab in (item.split(":") for item in a.crf_sizes.split(","))]
-    print(f"\ndense CRF backends, same {a.crf_n} images per row (CLIP-ES preset, wrapped guide, fp16 unary); "
-          "peak RSS includes the inputs and the Python process")
-    print(metrics.format_table(crf_speed(a.crf_n, scenarios, cores, a.crf_batch)))
+    if a.crf_n:
+        print(f"\ndense CRF backends, same {a.crf_n} images per row (CLIP-ES preset, wrapped guide, fp16 unary); "
+              "peak RSS includes the inputs and the Python process")
+        print(metrics.format_table(crf_speed(a.crf_n, scenarios, cores, a.crf_batch)))
     if a.agreement and crf.pydensecrf_available():
         print(f"\nagreement of the torch backend with pydensecrf, {H}x{W} scenes with 2-21 labels (%)")
         print(metrics.format_table([crf_agreement(a.agreement, (H, W), name) for name in ("clipes", "weclip")]))
