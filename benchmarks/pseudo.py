@@ -203,8 +203,9 @@ def crf_agreement(n: int, size: tuple[int, int], preset: str, seed: int = 1) -> 
         m = int(((q.max(0) >= 0.95) == (q_ref.max(0) >= 0.95)).sum())
         arg, mask, pixels = arg + a, mask + m, pixels + q[0].size
         worst_arg, worst_mask = min(worst_arg, 100 * a / q[0].size), min(worst_mask, 100 * m / q[0].size)
-    return {"preset": preset, "images": n, "argmax_pooled": 100 * arg / pixels, "argmax_worst": worst_arg,
-            "mask_pooled": 100 * mask / pixels, "mask_worst": worst_mask}
+    return {"preset": preset, "images": n, "pixels": pixels, "argmax_pooled": 100 * arg / pixels,
+            "argmax_worst": worst_arg, "argmax_differ_px": pixels - arg, "mask_pooled": 100 * mask / pixels,
+            "mask_worst": worst_mask, "mask_differ_px": pixels - mask}
 
 
 def main(argv=None) -> int:
