@@ -183,6 +183,8 @@ def crf_speed(n: int, scenarios: list[tuple[tuple[int, int], int]], jobs: int, b
                          "img_per_s": r["images_per_s"], "peak_rss_mb": r["rss_peak_mb"],
                          "rss_before_mb": r["rss_before_mb"],
                          "gpu_peak_mb": r["gpu_peak_mb"] if r["gpu_peak_mb"] is not None else float("nan")})
+            print("  " + "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in rows[-1].items()),
+                  flush=True)  # a long run shows its rows as they come
     return rows
 
 
