@@ -105,6 +105,10 @@ def test_cli_predict_and_evaluate_model(trained, tmp_path):
               "--checkpoint", str(run), "--no-progress", "--device", "cpu"]
     assert predict.main(common + ["--out", str(tmp_path / "p"), "--scales", "1.0", "--no-flip"]) == 0
     assert sorted(p.stem for p in (tmp_path / "p").glob("*.png")) == sorted(d["val_ids"])
+    assert predict.main(common + ["--out", str(tmp_path / "c"), "--scales", "1.0", "--no-flip", "--crf",
+                                  "--crf-backend", "torch", "--crf-preset", "weclip", "--no-overlays"]) == 0
+    infer = json.loads((tmp_path / "c" / "manifest.json").read_text())["config"]["infer"]
+    assert (infer["crf"], infer["crf_backend"], infer["crf_preset"], infer["crf_params"]) == (True, "torch", "weclip", None)
     assert ev.main(common + ["--out", str(tmp_path / "e")]) == 0
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["images"] == 3 and 0 <= summary["miou"] <= 100

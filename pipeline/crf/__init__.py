@@ -55,8 +55,8 @@ class Preset:
 
 # The guide's channel order changes labels: the exact Gaussian is symmetric in the colour channels, but
 # the permutohedral lattice that approximates it scales each feature dimension differently (and the
-# wrapped guide's channels wrap at different values), so swapping RGB and BGR moves about 0.1-1.3 % of
-# pixels on VOC-like scenes. Each preset therefore fixes its guide's order.
+# wrapped guide's channels wrap at different values), so swapping RGB and BGR changes labels (up to 0.2 %
+# of pixels on our synthetic VOC-sized scenes, more on some photographs). Each preset fixes its guide's order.
 PRESETS = {
     "clipes": Preset(CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0), "wrapped"),   # CLIP-ES pseudo labels
     "deeplab": Preset(CRFParams(10, 1.0, 3.0, 67.0, 3.0, 4.0), "wrapped"),  # deeplab-pytorch test CRF

@@ -22,8 +22,9 @@ def dense_crf(unary: np.ndarray, guide: np.ndarray, params) -> np.ndarray:
     H, W = guide.shape[:2]
     C = unary.shape[0]
     d = dcrf.DenseCRF2D(W, H, C)
-    d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    # the binding takes writable C-contiguous buffers only (arrays from a memmap or a view are read-only)
+    d.setUnaryEnergy(np.require(unary, np.float32, ["C", "W"]))
     d.addPairwiseGaussian(sxy=params.pos_xy, compat=params.pos_w)
     d.addPairwiseBilateral(sxy=params.bi_xy, srgb=params.bi_rgb,
-                           rgbim=np.ascontiguousarray(guide, dtype=np.uint8), compat=params.bi_w)
+                           rgbim=np.require(guide, np.uint8, ["C", "W"]), compat=params.bi_w)
     return np.asarray(d.inference(params.iters), np.float32).reshape(C, H, W)

@@ -17,16 +17,15 @@ from . import permutohedral
 
 
 def pixel_features(batch: int, height: int, width: int, sxy: float, guide: torch.Tensor | None = None,
-                   srgb: float | None = None) -> torch.Tensor:
+                   srgb: float | None = None, device=None) -> torch.Tensor:
     """(B * H * W, 2 or 5) float32 features, row-major pixels: (x / sxy, y / sxy[, c / srgb for the 3 guide
     channels]). ``guide`` (B, H, W, 3) uint8. Divisions in float32, as pydensecrf's ``DenseCRF2D`` does."""
-    dev = guide.device if guide is not None else None
-    s = torch.tensor(sxy, dtype=torch.float32)
-    x = (torch.arange(width, dtype=torch.float32, device=dev) / s.to(dev)).view(1, 1, width).expand(batch, height, width)
-    y = (torch.arange(height, dtype=torch.float32, device=dev) / s.to(dev)).view(1, height, 1).expand(batch, height, width)
+    s = torch.tensor(sxy, dtype=torch.float32, device=device)
+    x = (torch.arange(width, dtype=torch.float32, device=device) / s).view(1, 1, width).expand(batch, height, width)
+    y = (torch.arange(height, dtype=torch.float32, device=device) / s).view(1, height, 1).expand(batch, height, width)
     cols = [x.reshape(-1), y.reshape(-1)]
     if guide is not None:
-        c = guide.reshape(-1, 3).to(torch.float32) / torch.tensor(srgb, dtype=torch.float32, device=dev)
+        c = guide.to(device).reshape(-1, 3).to(torch.float32) / torch.tensor(srgb, dtype=torch.float32, device=device)
         cols += [c[:, 0], c[:, 1], c[:, 2]]
     return torch.stack(cols, dim=1)
 
@@ -67,12 +66,12 @@ def dense_crf(unary: torch.Tensor, guide: torch.Tensor, params) -> torch.Tensor:
         raise ValueError(f"guide must be uint8 {(B, H, W, 3)} to match the unary, got {guide.dtype} {tuple(guide.shape)}")
     if not torch.isfinite(unary).all():
         raise ValueError("unary energies contain NaN or Inf")
-    guide = guide.to(unary.device)
-    groups = torch.arange(B, device=unary.device).repeat_interleave(H * W)
+    dev = unary.device
+    groups = torch.arange(B, device=dev).repeat_interleave(H * W)
     u = unary.permute(0, 2, 3, 1).reshape(B * H * W, C)
     kernels = []
-    for feats, weight in ((pixel_features(B, H, W, params.pos_xy, None).to(unary.device), params.pos_w),
-                          (pixel_features(B, H, W, params.bi_xy, guide, params.bi_rgb), params.bi_w)):
+    for feats, weight in ((pixel_features(B, H, W, params.pos_xy, device=dev), params.pos_w),
+                          (pixel_features(B, H, W, params.bi_xy, guide, params.bi_rgb, dev), params.bi_w)):
         if weight == 0:
             continue
         lattice = permutohedral.build(feats, groups if B > 1 else None)
