@@ -130,9 +130,10 @@ def par_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray, i
 
 
 def load_cams_for(cam_path: str | Path, image_size: tuple[int, int], num_classes: int,
-                  max_patches: int = DEFAULT_MAX_PATCHES) -> dict[str, np.ndarray]:
+                  max_patches: int = DEFAULT_MAX_PATCHES, input_size: int | None = None) -> dict[str, np.ndarray]:
     """Load a CAM file and check it belongs to an image of ``image_size`` = (H, W) of a dataset with
-    ``num_classes`` classes, made with ``max_patches`` (class ids, finite values, patch grid)."""
+    ``num_classes`` classes, made with ``max_patches`` or, for ExCEL's square input, ``input_size``
+    (class ids, finite values, patch grid)."""
     cam_path = Path(cam_path)
     if not cam_path.is_file():
         raise SampleError(f"{cam_path}: CAM file not found; run the CAM stage for this image (make cams)")
@@ -141,7 +142,8 @@ def load_cams_for(cam_path: str | Path, image_size: tuple[int, int], num_classes
     if size != tuple(image_size):
         raise SampleError(f"{cam_path}: CAMs are for an image of size {size} (H, W) but the image is "
                           f"{tuple(image_size)}; the CAMs are stale or from another dataset: re-run the CAM stage")
-    check_cams(d, cam_path, num_classes, tuple(s // PATCH for s in target_size(*size, max_patches)))
+    model_size = (input_size, input_size) if input_size else target_size(*size, max_patches)
+    check_cams(d, cam_path, num_classes, tuple(s // PATCH for s in model_size))
     return d
 
 
@@ -166,6 +168,7 @@ class Task:
     out: str
     gt: str | None = None
     max_patches: int = DEFAULT_MAX_PATCHES  # the CAM stage's, to check the CAMs' patch grid
+    input_size: int | None = None           # the CAM stage's square input (ExCEL --input-size), if any
 
 
 def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str | None]:
@@ -173,7 +176,7 @@ def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str
     try:
         image = load_rgb(task.image)
         size = image.shape[:2]
-        d = load_cams_for(task.cams, size, num_classes, task.max_patches)
+        d = load_cams_for(task.cams, size, num_classes, task.max_patches, task.input_size)
         if cfg.require_gt:
             read_gt(task.gt, task.image_id, num_classes, size)
         label = pseudo_label(image, d["keys"], d["cams"], cfg)
@@ -256,6 +259,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
         n_jobs = 1
     config = stage_config(dataset, cams_dir, cfg)
     max_patches = (config["cams_config"] or {}).get("max_patches") or DEFAULT_MAX_PATCHES
+    input_size = ((config["cams_config"] or {}).get("cam") or {}).get("input_size")
     resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
     write_manifest(out_dir, config, status="running")
     tasks, skipped = [], 0
@@ -266,7 +270,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
             continue
         gt = dataset.mask_path(image_id)
         tasks.append(Task(image_id, str(dataset.image_path(image_id)), str(cams_dir / f"{image_id}.npz"), str(out),
-                          None if gt is None else str(gt), max_patches))
+                          None if gt is None else str(gt), max_patches, input_size))
     t0 = time.perf_counter()
     errors = {i: msg for i, msg in run_tasks(label_one, tasks, (cfg, dataset.classes.num_classes), n_jobs,
                                              desc="pseudo", progress=progress) if msg}

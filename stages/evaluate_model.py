@@ -22,10 +22,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_dataset_args(p)
     add_infer_args(p)
     p.add_argument("--out", default=None,
-                   help="report folder (default outputs/<dataset>/eval/model_<run>-<checkpoint>_<split>)")
+                   help="report folder (default outputs/<dataset>/eval/model_<run>-<checkpoint>_<split>"
+                        "[_<inference flags given>])")
     p.add_argument("--overwrite", action="store_true", help="replace tables made with another checkpoint or settings")
     p.add_argument("--save-predictions", action="store_true", help="also write label PNGs to <out>/predictions")
     return p.parse_args(argv)
+
+
+def settings_suffix(args: argparse.Namespace) -> str:
+    """The inference flags given on the command line, for the default report folder's name, so that
+    evaluations of one checkpoint with other settings get folders of their own (``_crf``, ``_preset-excel``)."""
+    parts = [f"preset-{args.preset}"] if args.preset else []
+    for k in ("scales", "long_side", "window", "stride", "crf_preset", "crf_backend", "crf_max_pixels"):
+        if getattr(args, k) is not None:
+            parts.append(f"{k.replace('_', '-')}-{getattr(args, k)}")
+    for k in ("flip", "crf"):
+        if getattr(args, k) is not None:
+            parts.append(k if getattr(args, k) else f"no-{k}")
+    return "".join("_" + p for p in parts)
 
 
 def main(argv=None) -> int:
@@ -43,7 +57,7 @@ def main(argv=None) -> int:
         split = Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         out = Path(args.out) if args.out else (Path("outputs") / args.dataset / "eval"
-                                               / f"model_{ckpt_io.label(ckpt_file)}_{split}")
+                                               / f"model_{ckpt_io.label(ckpt_file)}_{split}{settings_suffix(args)}")
         res = evaluate_model(ckpt_file, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
                              infer=infer_overrides(args), device=args.device, clip=args.clip,
                              progress=not args.no_progress)

@@ -139,9 +139,16 @@ def check_train(config, resumed_empty=False):
         assert f"{N_VAL} validation images" in proc.stdout  # and VAL_SPLIT
         res = json.loads(proc.stdout[proc.stdout.index("{\n"):])
         assert 0 <= res["val_miou_pct"] <= 100 and res["out"] == f"outputs/voc/train/{config}"
-        assert (run / "log.csv").read_text().splitlines()[0].endswith(",val_miou_pct")
+        assert "val_miou_pct" in (run / "log.csv").read_text().splitlines()[0].split(",")
         if resumed_empty:
             assert "holds no checkpoint yet" in proc.stdout
+    return check
+
+
+def check_eval_run(folder):
+    def check(ctx, proc):
+        summary = json.loads((ctx.work / "outputs" / "voc" / "eval" / folder / "summary.json").read_text())
+        assert summary["images"] == N_VAL
     return check
 
 
@@ -187,6 +194,16 @@ COMMANDS: dict[str, Run | Skip] = {
     "make train MODEL=deeplab DATASET=voc ROOT=~/data/VOC2012 LABELS=outputs/voc/pseudo INIT=~/models/deeplabv1_resnet101-coco.pth":
         Run(check_train("deeplab_voc"), {"SPLIT": "train_aug", "VAL_SPLIT": "val", "ARGS": f"{SHORT} {TINY_RESNET}"}),
     "make predict CKPT=outputs/voc/train/weclip_voc IMAGES=some/folder": Run(check_predict),
+    "make train MODEL=weclip-online DATASET=voc ROOT=~/data/VOC2012 SPLIT=train_aug CLIP=~/models/ViT-B-16.pt":
+        Run(check_train("weclip-online_voc"), {"VAL_SPLIT": "val", "ARGS": SHORT}),
+    'make eval WHAT=model CKPT=outputs/voc/train/weclip-online_voc ROOT=~/data/VOC2012 SPLIT=val ARGS="--crf"':
+        Run(check_eval_run("model_weclip-online_voc-iter_0000002_val_crf")),
+    "make train MODEL=excel DATASET=voc ROOT=~/data/VOC2012 SPLIT=train_aug CLIP=~/models/ViT-B-16.pt":
+        Run(check_train("excel_voc"), {"VAL_SPLIT": "val", "ARGS": f"{SHORT} --set online.tse=false"}),
+    'make eval WHAT=model CKPT=outputs/voc/train/excel_voc ROOT=~/data/VOC2012 SPLIT=val ARGS="--crf"':
+        Run(check_eval_run("model_excel_voc-iter_0000002_val_crf")),
+    'make eval WHAT=model CKPT=outputs/voc/train/excel_voc ROOT=~/data/VOC2012 SPLIT=val ARGS="--preset excel"':
+        Run(check_eval_run("model_excel_voc-iter_0000002_val_preset-excel")),
     "make eval WHAT=model CKPT=outputs/voc/train/weclip_voc ROOT=~/data/VOC2012 SPLIT=val": Run(check_eval_model),
     "make export-mmseg DATASET=voc ROOT=~/data/VOC2012": Run(check_export, {"SPLIT": "train_aug", "VAL_SPLIT": "val"}),
     "make bench": Skip("speed figures at real model sizes take minutes; benchmarks are not correctness checks"),

@@ -87,7 +87,8 @@ def test_online_resume_continues_exactly_across_the_phase_switch(data, tmp_path)
 
     icfg = InferConfig.from_dict(a["meta"]["infer"])             # what make predict / eval WHAT=model read
     assert icfg.long_side == 512 and icfg.scales == (1.0, 0.75) and icfg.flip
-    assert (icfg.crf_params.pos_xy, icfg.crf_params.bi_xy, icfg.crf_params.bi_rgb) == (3.0, 64.0, 5.0)
+    params, guide = icfg.crf_setup()
+    assert (params.pos_xy, params.bi_xy, params.bi_rgb, guide) == (3.0, 64.0, 5.0, "rgb")
     # an ablation is a config value, recorded with the run, and it changes the labels (and so the losses)
     train(tiny_cfg(data, **{"online.refine": "none", "schedule.iters": 1}), tmp_path / "ablation", **kw)
     assert ckpt_io.load(tmp_path / "ablation")["meta"]["config"]["online"]["refine"] == "none"
