@@ -5,7 +5,7 @@
 Prints (1) images/s of ``run_pseudo`` at each worker count, side by side, and the speed-up;
 (2) per-image time against a straightforward single-process pydensecrf loop (OpenCV read, CRF,
 OpenCV write) and the pixel agreement of the two; (3) CRF label quality with the reference's
-wrapped guide image vs the plain image (SPEC 10.8), with and without the 0.95 confidence mask.
+wrapped guide image (a deeplab-pytorch legacy) vs the plain image, with and without the 0.95 confidence mask.
 Worker pools are warmed up first (pool start-up is printed apart); timed runs alternate between worker
 counts and the best of --repeat is reported, as other load on a shared machine would otherwise decide.
 Then (4) the dense CRF backends side by side on the same images (``crf_speed``): pydensecrf in one process
@@ -283,7 +283,7 @@ def pseudo_stage_sections(a, H: int, W: int, jobs: list[int]) -> None:
                                      == cv2.imread(str(root / "baseline" / f"{i}.png"), cv2.IMREAD_UNCHANGED)) for i in ids])
             print(f"agreement    {100 * agree:.3f}% of pixels identical to the straightforward loop (incl. 255)")
 
-        print("\nguide image (SPEC 5.3 step 1 / 10.8): wrapped = reference uint8 wrap-around, plain = image")
+        print("\nguide image: wrapped = CLIP-ES's uint8 wrap-around of BGR minus mean, plain = image")
         print(metrics.format_table(guide_quality(root, ids)))
 
 

@@ -12,7 +12,7 @@ trainable parameters) with its online labels in the costlier second phase (a sec
 pass for the CAMs, A_f-filtered RFM, PAR) and the diversity loss from the segmentation; lr 1e-4 x 10;
 no text enrichment (it is set up once, outside the timed steps).
 
-WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (SPEC 7.8). DeepLabV2: the model of
+WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (WeCLIP's settings). DeepLabV2: the model of
 configs/deeplab_voc.yaml (deeplab-pytorch's MSC ResNet-101: forward and loss at scales 1, 0.5, 0.75 and
 their max; random weights, BatchNorm frozen as with a pretrained file), batch 5, crop 321, SGD (one
 micro-batch per step; iter_size 2 would double the time).

@@ -1,5 +1,5 @@
-"""CAA, class-aware attention-based affinity (SPEC 4): attention -> Sinkhorn -> symmetric
-square transition matrix; box masks from CAMs; column-masked refinement."""
+"""CAA, class-aware attention-based affinity (CLIP-ES's generate_cams_voc12.py, utils.py): attention ->
+Sinkhorn -> symmetric square transition matrix; box masks from CAMs; column-masked refinement."""
 from __future__ import annotations
 
 import cv2
@@ -33,7 +33,7 @@ def transition_matrix(w: torch.Tensor, rounds: int = 3, power: int = 2) -> torch
 
 
 def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
-    """Box mask (h, w) float32 in {0, 1} from one CAM (h, w) at patch resolution (SPEC 4.5).
+    """Box mask (h, w) float32 in {0, 1} from one CAM (h, w) at patch resolution (CLIP-ES's scoremap2bbox).
 
     u = uint8(255 * cam) (truncation), binary where u > int(threshold * max u), one box per contour
     (RETR_TREE, nested ones too), box end clipped to size - 1 and filled half-open, so the last
@@ -62,7 +62,7 @@ def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 
 
 def refine(trans: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Column-masked propagation R_i = Σ_k A_ik B_k M_k per class, then min-max (SPEC 4.6-4.7).
+    """Column-masked propagation R_i = Σ_k A_ik B_k M_k per class, then min-max (the CLIP-ES paper, Eq. 7).
 
     trans (n, n), cams (K, h, w), masks (K, h, w) -> (K, h, w) float32 in [0, 1].
     """

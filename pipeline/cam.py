@@ -1,5 +1,5 @@
-"""CLIP-ES CAMs: Softmax-GradCAM over present labels + background set (SPEC 1.5, 2) refined by
-CAA (SPEC 4), for every class of every image of a batch in one forward and one backward.
+"""CLIP-ES CAMs (its generate_cams_voc12.py): Softmax-GradCAM over present labels + background set refined
+by CAA, for every class of every image of a batch in one forward and one backward.
 
 Usage (encode the vocabulary once, then ask for many images)::
 
@@ -23,9 +23,9 @@ from .text import text_variants
 
 @dataclass(frozen=True)
 class CAMConfig:
-    """Algorithm settings (SPEC 2, 4, 6); the defaults are CLIP-ES's.
+    """Settings of GradCAM, CAA and prompts; the defaults are CLIP-ES's.
 
-    exact: reproduce the reference's quirks (SPEC 10.4-10.5): fp16 host arithmetic of GradCAM when
+    exact: reproduce quirks of CLIP-ES's code: fp16 host arithmetic of GradCAM when
         the model runs in fp16, and block 12 run twice for an image of exactly 76 patches.
     Ablations (CLIP-ES Tables 2, 6, 8): ``softmax`` False differentiates the raw logit instead of the
     post-softmax score; ``softmax_set`` 'present' is the image's labels + background set, 'all' every
@@ -92,18 +92,18 @@ def numpy_pairwise_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exact: bool = True) -> torch.Tensor:
-    """GradCAM maps from hooked tokens and per-class gradients (SPEC 2.3-2.8), for one image or a batch.
+    """GradCAM maps from hooked tokens and per-class gradients (CLIP-ES's pytorch_grad_cam), for one image or a batch.
 
     acts (..., n, D), grads (K, ..., n, D), patch tokens row-major on ``grid`` = (h, w)
     -> (K, ..., h, w) float32:
     α = spatial mean of the gradient, ReLU(Σ_c α_c A_c), min-max normalised twice (the reference's
     per-layer scaling followed by its one-layer aggregation).
 
-    With ``exact`` and fp16 inputs the reference's numpy host arithmetic is emulated bit for bit
-    (SPEC 2.4-2.5, 10.5). Its arrays keep the channel axis innermost in memory, so numpy computes
+    With ``exact`` and fp16 inputs the numpy host arithmetic of CLIP-ES's pytorch_grad_cam/base_cam.py
+    is emulated bit for bit. Its arrays keep the channel axis innermost in memory, so numpy computes
     α as a sequential float32 sum over tokens divided in float32 and rounded to fp16, the products
     in fp16, and the channel sum as a float32 pairwise sum rounded once to fp16 (checked against
-    numpy in the tests; SPEC 2.5's "sequential fp16" holds only for a channel-outer layout).
+    numpy in the tests; a sequential fp16 channel sum would need a channel-outer layout).
     """
     if exact and acts.dtype == torch.float16:
         g = grads.float()
@@ -123,7 +123,7 @@ def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exac
 
 def class_scores(logits: torch.Tensor, labels: Sequence[Sequence[int]], num_classes: int, softmax: bool = True,
                  all_classes: bool = False) -> torch.Tensor:
-    """Scores of each image's present classes, the GradCAM targets (SPEC 1.5, 2.1).
+    """Scores of each image's present classes, the GradCAM targets (the CLIP-ES paper, Eq. 3-4).
 
     logits (B, C + M) against [C foreground rows, M background rows]. The softmax runs over the
     image's K_b present classes (label order) plus the M background rows, or over every row when
@@ -164,7 +164,7 @@ class CAMEngine:
         p = visual.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         n_blocks = len(visual.blocks)
-        # SPEC 10.4: the reference's "run every block iff there are 77 tokens" test, meant for text.
+        # CLIP-ES's clip/model.py runs every block iff there are 77 tokens (a test meant for text).
         first = n_blocks if self.config.exact and grid[0] * grid[1] + 1 == self.model.arch.context_length else n_blocks - 1
         keep = self.config.attention_layers - 1 + extra_attention  # the last block's map comes from initial_cams
         with torch.no_grad():

@@ -56,7 +56,7 @@ def check_cams(d: dict[str, np.ndarray], path: str | Path, num_classes: int, gri
 
 
 def upsample_cams(cams: np.ndarray, image_size: tuple[int, int], dtype=np.float16) -> np.ndarray:
-    """Patch-resolution CAMs (K, h, w) -> original resolution (K, H, W) as SPEC 4.7-4.8 does it:
+    """Patch-resolution CAMs (K, h, w) -> original resolution (K, H, W) as CLIP-ES's generate_cams_*.py does it:
     OpenCV INTER_LINEAR resize (half-pixel centres) of each normalised map, stacked and cast to
     ``dtype`` (float16 like the reference's files; pass np.float32 to skip that rounding)."""
     H, W = (int(v) for v in image_size)

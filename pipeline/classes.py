@@ -3,11 +3,11 @@
 A vocabulary file looks like ``data/voc.yaml``::
 
     template: a clean origami {}.      # prompt template, '{}' is replaced by the class string
-    box_threshold: 0.4                 # CAA box threshold lambda (SPEC 4.5)
+    box_threshold: 0.4                 # CAA box threshold lambda (CLIP-ES: 0.4 VOC, 0.7 COCO)
     classes:                           # foreground classes, 0-based ids in file order
       - {name: person, prompt: "person with clothes,people,human"}   # commas: synonyms
       - cat                            # a bare string is both name and prompt
-    background: [ground, sky, ...]     # class-related background set (SPEC 1.5)
+    background: [ground, sky, ...]     # class-related background set (CLIP-ES's clip_text.py)
 """
 from __future__ import annotations
 

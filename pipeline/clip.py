@@ -1,4 +1,4 @@
-"""Frozen CLIP ViT backbone in OpenAI's parameter layout (SPEC 1.1, 1.3, 1.6).
+"""Frozen CLIP ViT backbone in OpenAI's parameter layout, run as CLIP-ES's clip/model.py does.
 
 Loads OpenAI checkpoints as distributed (TorchScript archive such as ``ViT-B-16.pt``) or as a
 plain ``state_dict``, infers the architecture from the weights, and exposes per-block tokens,
@@ -175,7 +175,7 @@ class Calibrated:
 
 
 def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(1 + g*g, D) pretrained table -> (1 + h*w, D) for grid (h, w) (SPEC 1.3): the g x g rows as
+    """(1 + g*g, D) pretrained table -> (1 + h*w, D) for grid (h, w) as CLIP-ES: the g x g rows as
     a (1, D, g, g) image, bilinear with align_corners=False (no antialias) in fp32, CLS row kept."""
     g = int(round(math.sqrt(pos.shape[0] - 1)))
     dt = acc_dtype(pos.dtype)
@@ -302,7 +302,7 @@ class VisionTransformer(nn.Module):
 
     def pool(self, tokens: torch.Tensor, mode: str = "cls") -> torch.Tensor:
         """ln_post then projection: of the CLS token ('cls', CLIP) or of the patch-token mean
-        ('patch_mean', CLIP-ES SPEC 1.5). tokens (B, L, D) -> (B, E)."""
+        ('patch_mean', CLIP-ES's forward_last_layer). tokens (B, L, D) -> (B, E)."""
         x = self.ln_post(tokens)
         x = x[:, 0] if mode == "cls" else x[:, 1:].mean(dim=1)
         return x @ self.proj.to(x.dtype)

@@ -1,4 +1,4 @@
-"""The one image loader and CLIP-ES preprocessing (SPEC 1.2).
+"""The one image loader and CLIP-ES preprocessing (its generate_cams_voc12.py).
 
 Loading is strict (a truncated file is an error, not a grey half-image) and normalises the odd
 formats users have: palette, CMYK, RGBA, 16-bit and float images, optional EXIF orientation.
@@ -62,7 +62,7 @@ def load_rgb(path: str | Path, exif_transpose: bool = False) -> np.ndarray:
 
 
 def target_size(height: int, width: int, max_patches: int = DEFAULT_MAX_PATCHES) -> tuple[int, int]:
-    """Model input size (h', w'): each side rounded up to a multiple of 16 (SPEC 1.2), after a uniform
+    """Model input size (h', w'): each side rounded up to a multiple of 16 (as CLIP-ES), after a uniform
     downscale when the patch grid would exceed ``max_patches``."""
     def grid(scale: float) -> tuple[int, int]:
         return max(1, math.ceil(scale * height / PATCH)), max(1, math.ceil(scale * width / PATCH))

@@ -1,5 +1,6 @@
 """Inference for trained segmentation models: multi-scale + flip, sliding window, optional dense CRF,
-palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` (SPEC 7.9, 5.4).
+palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` (as WeCLIP's
+test_msc_flip_voc.py and deeplab-pytorch's test script).
 
 Per image: optional resize of the long side (WeCLIP: 512), then for each scale s the logits of the
 image and of its mirror (flipped back) are averaged, resized to the image size, averaged over scales,

@@ -1,4 +1,4 @@
-"""Segmentation metrics as the field computes them (SPEC 5.2), and the tables that report them.
+"""Segmentation metrics as the field computes them (CLIP-ES's eval_cam.py), and the tables that report them.
 
 One core: a confusion matrix over ``n`` classes (rows = ground truth, columns = prediction) from
 pixels whose ground truth is in [0, n) (255 ignored). IoU, precision and recall all come from it,

@@ -1,8 +1,8 @@
-"""Prompt selection by sharpness (CLIP-ES SPEC 6) and background sets for new vocabularies.
+"""Prompt selection by sharpness (the CLIP-ES paper) and background sets for new vocabularies.
 
 sharpness(template) = Σ_i var(s_i) / Σ_i mean(s_i), s_i the post-softmax scores of image i's
 labelled classes (population variance; softmax over the image's labels + the background set;
-image embedding = patch-token mean as SPEC 1.5). Lower is better. Only image-level labels are used.
+image embedding = patch-token mean as in CLIP-ES). Lower is better. Only image-level labels are used.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ class Ranking:
 
 @torch.no_grad()
 def image_embedding(model: CLIP, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H', W') -> normalised patch-mean embeddings (B, E) (SPEC 1.5), float32."""
+    """(B, 3, H', W') -> normalised patch-mean embeddings (B, E) (CLIP-ES's pooling), float32."""
     tokens = model.visual.forward_intermediates(images).tokens
     emb = model.visual.pool(tokens, "patch_mean").float()
     return emb / emb.norm(dim=-1, keepdim=True)
@@ -197,7 +197,7 @@ class PromptsConfig:
     classes: str | None = None
     labels: str | None = None
     masks: str | None = None
-    templates: str | None = None       # file of templates (default data/templates.txt, SPEC 6's 85)
+    templates: str | None = None       # file of templates (default data/templates.txt: ExCEL's 85)
     top: int = 5                       # initial-CAM mIoU for this many best templates when GT exists
     max_images: int = 0                # 0: every image of the split
     background: bool = True

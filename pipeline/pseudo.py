@@ -1,4 +1,5 @@
-"""Pseudo-label stage: CAM files -> dense CRF (CLIP-ES) or PAR (ExCEL) -> one label PNG per image (SPEC 5.3).
+"""Pseudo-label stage: CAM files -> dense CRF (CLIP-ES's eval_cam_with_crf.py) or PAR (ExCEL) -> one label PNG
+per image.
 
 ``pseudo_label`` labels one in-memory image (the CAM stage can call it without writing CAM files);
 ``run_pseudo`` runs a whole split: one image per task in joblib worker processes that read their own
@@ -30,15 +31,15 @@ from .procs import worker_init
 
 @dataclass(frozen=True)
 class PseudoConfig:
-    """Everything that changes the labels. Defaults reproduce CLIP-ES (SPEC 5.3), quirks included."""
+    """Everything that changes the labels. Defaults reproduce CLIP-ES's eval_cam_with_crf.py, quirks included."""
 
     conf: float = 0.95                 # pixels below this confidence become 255
     confidence: str = "crf"            # 'crf': max CRF marginal (code); 'raw': paper's raw-CAM rule; 'none'
-    guide: str = "wrapped"             # 'wrapped': reference uint8-wrapped BGR-minus-mean guide (SPEC 10.8); 'plain'
+    guide: str = "wrapped"             # 'wrapped': CLIP-ES's uint8-wrapped BGR-minus-mean guide; 'plain'
     power: float = 1.0                 # background row (1 - max cam) ** power
     crf: crf.CRFParams = field(default_factory=crf.CRFParams)
     format: str = "palette"            # label PNG: 'palette' (P mode, VOC colours) or 'gray' (reference)
-    require_gt: bool = True            # the reference reads the GT mask of every image (SPEC 10.8)
+    require_gt: bool = True            # CLIP-ES's eval_cam_with_crf.py reads every GT mask
     preset: str = "clipes"             # the crf.PRESETS entry guide and crf came from (recorded)
     backend: str = "auto"              # dense CRF backend: 'auto' | 'torch' | 'pydensecrf' (see crf.resolve_backend)
     max_pixels: int | None = DEFAULT_MAX_PIXELS      # larger images: CRF at a reduced size (crf.crf_scores)

@@ -5,8 +5,8 @@ position) draws its augmentation from ``np.random.default_rng([seed, k])`` and t
 ``default_rng([seed, epoch])``. The data stream is therefore a pure function of (seed, iteration):
 a resumed run, a run with more DataLoader workers and an uninterrupted run see the same batches.
 
-Augmentations (SPEC 7.1 WeCLIP, 5.4 DeepLab): random rescale (uniform range or a set of scales),
-horizontal flip, pad to the crop (image 0 or the mean colour, label 255), random crop, then the input
+Augmentations (WeCLIP's datasets/transforms.py, deeplab-pytorch): random rescale (uniform range or a set
+of scales), horizontal flip, pad to the crop (image 0 or the mean colour, label 255), random crop, then the input
 convention the model was trained with: RGB (x - mean) / std with ImageNet statistics (WeCLIP, torchvision
 ResNets), CLIP's statistics, or deeplab-pytorch's caffe convention (BGR 0-255 minus the mean, no std).
 """
@@ -25,7 +25,7 @@ from .classes import IGNORE_INDEX
 from .image import CLIP_MEAN, CLIP_STD, load_rgb
 from .labelio import read_label
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # on 0-255 RGB (SPEC 7.1)
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # on 0-255 RGB (WeCLIP's transforms.py)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)  # deeplab-pytorch's configs (the caffe DeepLab models' mean)
 # (mean, std) on 0-255 RGB; the conventions in BGR_INPUTS then reverse the channels (caffe-trained weights).
@@ -115,7 +115,7 @@ def pad_to(image: np.ndarray, label: np.ndarray, size: int, fill: Sequence[float
 def augment(image: np.ndarray, label: np.ndarray, cfg: AugConfig, rng: np.random.Generator
             ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 RGB (H, W, 3), uint8 label (H, W) -> augmented pair (crop x crop when cfg.crop), in the
-    order rescale, flip, pad, crop (SPEC 7.1). All draws come from ``rng``."""
+    order rescale, flip, pad, crop (as WeCLIP's transforms.py). All draws come from ``rng``."""
     if cfg.scales:
         r = float(cfg.scales[int(rng.integers(len(cfg.scales)))])
     elif cfg.scale_range:

@@ -50,7 +50,7 @@ class CamsConfig:
     batch_size: int = 0               # 0: 1 on CPU, 16 on CUDA
     workers: int = 2
     overwrite: bool = False
-    exact: bool = True                # reproduce reference quirks (SPEC 10)
+    exact: bool = True                # reproduce CLIP-ES's code quirks
     max_patches: int = DEFAULT_MAX_PATCHES
     exif_transpose: bool = False
     box_threshold: float | None = None  # default: CLIP-ES the class list's (VOC 0.4, COCO 0.7), ExCEL 0.79

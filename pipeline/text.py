@@ -1,4 +1,4 @@
-"""Text side: class strings x templates -> normalised text embeddings (SPEC 1.6), in one batch."""
+"""Text side: class strings x templates -> normalised text embeddings (as CLIP-ES), in one batch."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -25,7 +25,7 @@ def encode_grid(model: CLIP, strings: Sequence[str], templates: Sequence[str], b
 
 def encode_prompts(model: CLIP, class_strings: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """Class embeddings (C, E): normalised per template, averaged over templates, normalised again
-    (SPEC 1.6; open_clip's zero-shot classifier)."""
+    (CLIP-ES's zeroshot_classifier, as open_clip's)."""
     feats = encode_grid(model, class_strings, templates).mean(dim=0)
     return feats / feats.norm(dim=-1, keepdim=True)
 
@@ -38,10 +38,10 @@ def text_variants(model: CLIP, classes: ClassList, template: str | None = None, 
                   synonyms: bool = True, background: bool = True) -> torch.Tensor:
     """Text rows [C foreground classes, M background words] for the CAM softmax, (S, C + M, E).
 
-    fusion (SPEC 6, paper ablations): 'sentence' embeds each class's prompt string as one sentence
-    (the reference; S = 1); 'feature' averages the normalised embeddings of its comma-separated
-    synonyms (S = 1); 'cam' gives one variant per synonym position (S = most synonyms of a class;
-    a class with fewer repeats its last), whose CAMs the caller averages.
+    fusion (the CLIP-ES paper's synonym-fusion ablations): 'sentence' embeds each class's prompt
+    string as one sentence (the reference; S = 1); 'feature' averages the normalised embeddings of its
+    comma-separated synonyms (S = 1); 'cam' gives one variant per synonym position (S = most synonyms
+    of a class; a class with fewer repeats its last), whose CAMs the caller averages.
     synonyms=False uses the bare class names; background=False drops the background rows (M = 0).
     """
     if fusion not in FUSIONS:

@@ -171,7 +171,7 @@ def resume_differences(old: Mapping, new: Mapping) -> list[str]:
 
 # --------------------------------------------------------------------------------- pure pieces
 def lr_factor(step: int, iters: int, warmup_iters: int, warmup_ratio: float, power: float, every: int = 1) -> float:
-    """SPEC 7.8 schedule factor at 0-based ``step``: linear warm-up from ``warmup_ratio`` over
+    """WeCLIP's learning-rate factor at 0-based ``step``: linear warm-up from ``warmup_ratio`` over
     ``warmup_iters``, then poly (1 - step/iters) ** power with ``step`` rounded down to a multiple of
     ``every`` (deeplab-pytorch: power 0.9, no warm-up, lr updated every 10 iterations)."""
     if step < warmup_iters:
@@ -188,7 +188,7 @@ def model_loss(model: nn.Module, outputs, labels: torch.Tensor, kind: str = "ce"
 
 
 def build_optimizer(model: nn.Module, optim: Mapping) -> torch.optim.Optimizer:
-    """AdamW (SPEC 7.8) or SGD with momentum (SPEC 5.4) over the model's ``param_groups``; each group
+    """AdamW (WeCLIP) or SGD with momentum (deeplab-pytorch) over the model's ``param_groups``; each group
     remembers its base lr as 'base_lr' for the schedule."""
     groups = model.param_groups(float(optim["lr"]), float(optim["head_lr_mult"]), float(optim["weight_decay"]))
     for g in groups:

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs in --out made with another configuration or checkpoint, recomputing everything")
     p.add_argument("--fixed", action="store_true",
-                   help="fix the reference's quirks (SPEC 10) instead of reproducing them: no fp16 host GradCAM "
+                   help="fix CLIP-ES's reference-code quirks instead of reproducing them: no fp16 host GradCAM "
                         "arithmetic, no double block 12 for 76-patch images, RGB conversion before resizing")
     p.add_argument("--max-patches", type=int, default=CamsConfig.max_patches,
                    help="larger images are scaled down for the model to at most this many 16x16 patches")

@@ -1,4 +1,5 @@
-"""Evaluate CAMs (seed quality, background threshold sweep) or pseudo labels against ground truth (SPEC 5.2).
+"""Evaluate CAMs (seed quality, background threshold sweep) or pseudo labels against ground truth, as
+CLIP-ES's eval_cam.py and eval_cam_with_crf.py do.
 
     python -m stages.eval --what cams   --dataset voc --root data/VOC2012 --split train
     python -m stages.eval --what pseudo --dataset voc --root data/VOC2012 --split train

@@ -1,4 +1,4 @@
-"""Pseudo labels from CAM files: dense CRF, confidence mask, one label PNG per image (SPEC 5.3).
+"""Pseudo labels from CAM files: dense CRF, confidence mask, one label PNG per image (CLIP-ES's eval_cam_with_crf.py).
 
     python -m stages.pseudo --dataset voc --root data/VOC2012 --split train_aug -j 8
 

@@ -1,4 +1,4 @@
-"""An independent re-statement of the CLIP-ES reference computation (SPEC 1-4), for parity tests
+"""An independent re-statement of the CLIP-ES reference computation (CLIP, GradCAM, CAA), for parity tests
 and for the per-class-loop baseline of ``make bench``.
 
 Deliberately written the way the reference is, not the way ``pipeline`` is: OpenAI's
@@ -70,7 +70,7 @@ class ReferenceCLIP(nn.Module):
         self.ln_final = _LN(tw)
         self.register_buffer("text_projection", sd["text_projection"].float().clone())
         self.register_buffer("logit_scale", sd["logit_scale"].float().clone())
-        self.full_depth_tokens = ctx  # the reference's "12 layers iff 77 tokens" test (SPEC 10.4)
+        self.full_depth_tokens = ctx  # the reference's "12 layers iff 77 tokens" test (CLIP-ES clip/model.py)
         own = {"conv1.weight": "visual.conv1.weight", "ln_pre.weight": "visual.ln_pre.weight",
                "ln_pre.bias": "visual.ln_pre.bias", "ln_post.weight": "visual.ln_post.weight",
                "ln_post.bias": "visual.ln_post.bias", "token_embedding.weight": "token_embedding.weight",

@@ -22,7 +22,7 @@ def tiny(tiny_clip_path):
     return model, ref, voc, CAMEngine(model, voc), reference_text(ref, list(voc.prompts) + list(voc.background), voc.template)
 
 
-# 64x304 has exactly 76 patches: the reference runs block 12 twice there (SPEC 10.4)
+# 64x304 has exactly 76 patches: the reference runs block 12 twice there (CLIP-ES's clip/model.py)
 @pytest.mark.parametrize("size,labels", [((96, 128), [14, 8, 3]), ((160, 96), [0]), ((64, 304), [7, 11]),
                                          ((32, 48), [19, 4])])
 def test_matches_reference_per_class_loop(tiny, size, labels):
@@ -112,7 +112,7 @@ def test_class_scores_match_per_image_softmax():
 
 @pytest.mark.parametrize("grid,d", [((5, 7), 768), ((24, 32), 768), ((3, 3), 100)])
 def test_gradcam_fp16_host_arithmetic_is_bit_exact(grid, d):
-    """SPEC 2.3-2.8 / 10.5 on fp16 tensors: numpy run on arrays with the reference's memory layout
+    """CLIP-ES's pytorch_grad_cam GradCAM on fp16 tensors: numpy run on arrays with the reference's memory layout
     (its reshape_transform of the (L, 1, D) hooked tensor, moved to host without a copy)."""
     g = torch.Generator().manual_seed(d)
     h, w = grid

@@ -1,4 +1,5 @@
-"""Dense CRF math (SPEC 5.3): guide image, probabilities, unary, marginals, labels, confidence rules."""
+"""Dense CRF math (CLIP-ES's eval_cam_with_crf.py): guide image, probabilities, unary, marginals, labels,
+confidence rules."""
 import math
 
 import numpy as np

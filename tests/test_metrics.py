@@ -1,4 +1,4 @@
-"""Confusion-matrix mIoU (SPEC 5.2), CAM threshold sweep, pseudo-label metrics, tables, split runners."""
+"""Confusion-matrix mIoU (CLIP-ES's eval_cam.py), CAM threshold sweep, pseudo-label metrics, tables, split runners."""
 import csv
 import json
 

@@ -1,4 +1,4 @@
-"""Models: WeCLIP decoder shape and parameter count (SPEC 7.3), frozen CLIP, DeepLab structure and
+"""Models: WeCLIP decoder shape and parameter count (as WeCLIP's code), frozen CLIP, DeepLab structure and
 torchvision-layout checkpoint loading (the caffe layout: test_deeplab.py), the ignore-index loss,
 schedules/optimisers, checkpoint compatibility."""
 import pytest
@@ -20,7 +20,7 @@ def test_weclip_voc_decoder_has_spec_parameter_count_on_vit_b16():
     assert trainable_parameters(model) == 5_985_045 == decoder_param_count(768, 11, 21)
     assert all(not p.requires_grad for p in model.encoder.parameters())
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"decoder"}
-    # SPEC 7.3's pieces: 11 x 262,656 + 721,152 + 3 x 789,760 + 5,397
+    # WeCLIP decoder's pieces: 11 x 262,656 + 721,152 + 3 x 789,760 + 5,397
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model.decoder.mlps[0]) == 262_656 and count(model.decoder.fuse) == 721_152
     assert count(model.decoder.transformer[0]) == 789_760 and count(model.decoder.classifier) == 5_397
@@ -42,7 +42,7 @@ def test_weclip_trains_only_the_decoder_on_blocks_1_to_11():
     ours = model.encode(torch.zeros(1, 3, 32, 48))
     assert torch.equal(ours[10], inter.blocks[10][:, 1:])  # block 11 is the last one used; block 12 is not
     groups = build_optimizer(model, load_config(None)["optim"]).param_groups
-    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(2e-3)  # SPEC 7.8: 2e-4 x 10
+    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(2e-3)  # WeCLIP: 2e-4 x 10
     assert sum(p.numel() for p in groups[0]["params"]) == trainable_parameters(model)
     assert groups[0]["weight_decay"] == 0.01 and groups[0]["betas"] == (0.9, 0.999)
 
@@ -115,7 +115,7 @@ def test_pixels_labelled_255_contribute_no_gradient(kind):
 
 
 def test_schedule_warmup_then_poly():
-    # SPEC 7.8: lr0 * (1 - (1 - t/50)(1 - 1e-6)) for t < 50, then (1 - t/T)^1
+    # WeCLIP's schedule: lr0 * (1 - (1 - t/50)(1 - 1e-6)) for t < 50, then (1 - t/T)^1
     assert lr_factor(0, 30000, 50, 1e-6, 1.0) == pytest.approx(1e-6)
     assert lr_factor(25, 30000, 50, 1e-6, 1.0) == pytest.approx(0.5 + 0.5e-6)
     assert lr_factor(50, 30000, 50, 1e-6, 1.0) == pytest.approx(1 - 50 / 30000)

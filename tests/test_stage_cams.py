@@ -56,7 +56,7 @@ def test_upsample_matches_reference_highres(voc_small, tiny_clip_path, tmp_path)
     d = load_cams(tmp_path / "cams" / "2007_000001.npz")
     full = upsample_cams(d["cams"], d["image_size"])
     assert full.shape == (2, 96, 128) and full.dtype == np.float16
-    # SPEC 4.7: cv2.resize(map, (W, H)) with INTER_LINEAR, stacked, float16
+    # CLIP-ES: cv2.resize(map, (W, H)) with INTER_LINEAR, stacked, float16
     want = np.stack([cv2.resize(c, (128, 96)) for c in d["cams"]]).astype(np.float16)
     np.testing.assert_array_equal(full, want)
 

@@ -77,7 +77,7 @@ def test_data_stream_is_a_function_of_seed_and_position():
     i1, l1 = augment(img, lab, cfg, np.random.default_rng([7, 3]))
     i2, l2 = augment(img, lab, cfg, np.random.default_rng([7, 3]))
     assert np.array_equal(i1, i2) and np.array_equal(l1, l2) and i1.shape == (48, 48, 3)
-    assert (l1 == 255).any() and (i1[l1 == 255] == 0).all()  # padding: label 255, image 0 (SPEC 7.1)
+    assert (l1 == 255).any() and (i1[l1 == 255] == 0).all()  # padding: label 255, image 0 (WeCLIP's transforms)
     cut = AugConfig(crop=20, scale_range=None, flip=True)
     for seed in range(6):  # image and label stay aligned through flip and crop
         ci, cl = augment(np.repeat(lab[..., None] * 40, 3, -1), lab, cut, np.random.default_rng(seed))

@@ -267,8 +267,9 @@ def crf_low_confidence(q: np.ndarray, conf: float) -> np.ndarray:
 
 
 def raw_low_confidence(cams: np.ndarray, conf: float) -> np.ndarray:
-    """The paper's rule on raw CAMs (SPEC 5.3 PAPER!=CODE, Eq. 8-9): (K, H, W) -> bool (H, W), True where
-    max(1 - max_c X, max_c X) < conf, i.e. the CAM is neither confidently foreground nor background."""
+    """The CLIP-ES paper's rule on raw CAMs (Eq. 8-9; its code thresholds the CRF marginals instead):
+    (K, H, W) -> bool (H, W), True where max(1 - max_c X, max_c X) < conf, i.e. the CAM is neither
+    confidently foreground nor background."""
     m = np.max(cams, axis=0).astype(np.float32)
     return np.maximum(1 - m, m) < conf
 

@@ -1,4 +1,4 @@
-"""WeCLIP's segmentation decoder on a frozen CLIP ViT image encoder (SPEC 7.2, 7.3).
+"""WeCLIP's segmentation decoder on a frozen CLIP ViT image encoder (WeCLIP's segformer_head.py).
 
 The encoder runs blocks 1..L-1 (11 of ViT-B/16's 12, as the reference code) under ``no_grad``; the
 decoder maps each block's patch tokens through its own MLP, fuses them with a 1x1 conv, refines
@@ -18,7 +18,7 @@ from ..clip import CLIP, ResidualAttentionBlock
 
 
 def _init_clip_block(block: ResidualAttentionBlock) -> ResidualAttentionBlock:
-    """PyTorch's defaults for a freshly built nn.MultiheadAttention block (SPEC 7.3 Init): in-projection
+    """PyTorch's defaults for a freshly built nn.MultiheadAttention block (as WeCLIP's decoder): in-projection
     xavier-uniform with zero bias, out-projection bias zero; Linear/LayerNorm layers keep theirs."""
     nn.init.xavier_uniform_(block.attn.in_proj_weight)
     nn.init.zeros_(block.attn.in_proj_bias)
@@ -152,14 +152,14 @@ class WeCLIPSeg(nn.Module):
         return {"logits": logits, "affinity": decoder_affinity(fu), "grid": grid, "intermediates": inter}
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
-        """Optimiser groups: only decoder parameters, all at lr x ``head_lr_mult`` (SPEC 7.8: 2e-4 x 10)."""
+        """Optimiser groups: only decoder parameters, all at lr x ``head_lr_mult`` (WeCLIP: 2e-4 x 10)."""
         return [{"params": [p for p in self.decoder.parameters() if p.requires_grad], "lr": lr * head_lr_mult,
                  "weight_decay": weight_decay, "name": "decoder"}]
 
 
 def decoder_param_count(in_dim: int = 768, num_blocks: int = 11, num_classes: int = 21, width: int = 256,
                         depth: int = 3) -> int:
-    """Closed form of SPEC 7.3's count: blocks x MLP + fusion + depth x transformer block + classifier."""
+    """Closed form of the WeCLIP decoder's size: blocks x MLP + fusion + depth x transformer block + classifier."""
     mlp = in_dim * width + width + width * width + width
     fuse = num_blocks * width * width + width
     block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width) \
