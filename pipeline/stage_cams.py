@@ -53,7 +53,7 @@ class CamsConfig:
     exact: bool = True                # reproduce CLIP-ES's code quirks
     max_patches: int = DEFAULT_MAX_PATCHES
     exif_transpose: bool = False
-    box_threshold: float | None = None  # default: CLIP-ES the class list's (VOC 0.4, COCO 0.7), ExCEL 0.79
+    box_threshold: float | None = None  # default: for CLIP-ES the class list's (VOC 0.4, COCO 0.7), ExCEL 0.79
     cam_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # other fields of the method's config
     prompt_ranking: str | None = None   # ranking.csv of `make prompts`, read for template 'best'
     pseudo_out: str | None = None       # also write pseudo labels here, straight from the CAMs (cams-pseudo)

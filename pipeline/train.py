@@ -25,12 +25,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .classes import IGNORE_INDEX
 from .io import check_output_folder, code_version, write_bytes, write_json
 from .losses import LOSSES, affinity_labels, affinity_loss, segmentation_loss  # noqa: F401  (re-exported)
 

@@ -15,6 +15,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 from pipeline.randomclip import TINY, random_clip, save_clip  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread: tests of many small tensor ops (PAR, CRF lattices, test-sized convolutions)
+    slow down 10-20x when OpenMP threads spin on a busy 2-core machine. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory) -> Path:
     """A tiny random CLIP ViT saved as an OpenAI-style TorchScript archive (fp16 weights)."""

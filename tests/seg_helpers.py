@@ -6,12 +6,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import PIL.Image
+import torch
 import yaml
 
 from pipeline import metrics, synthetic
 from pipeline.classes import IGNORE_INDEX, ClassList
 from pipeline.datasets import build_dataset, read_mask
 from pipeline.labelio import write_label
+from pipeline.segdata import augment
 
 NAMES = ["aeroplane", "bicycle", "bird", "boat"]
 
@@ -69,3 +72,20 @@ def overrides(d: dict, **extra) -> list[str]:
              "data.split": d["train"], "data.val_split": d["val"], "data.workers": 0, "train.device": "cpu",
              "train.ckpt_every": 10**6, "train.val_every": 10**6, **extra}
     return [f"{k}={'null' if v is None else v}" for k, v in items.items()]
+
+
+def injected_crop_cams(dataset, ids, aug, seed, batch) -> list[tuple[torch.Tensor, np.ndarray, np.random.Generator]]:
+    """For each crop of an online training batch (``batch.keys`` = (index into ``ids``, sample counter)):
+    CAMs (K, h, w) made the way real ones go wrong (``synthetic.noisy_cam``: shifted, blurred, spurious
+    blobs, noise, at patch resolution) from the crop's ground truth, that ground truth (re-drawn with the
+    training augmentation's seed), and the crop's RNG for any further injected signal."""
+    out = []
+    for (index, counter), lab in zip(batch.keys, batch.labels):
+        i = ids[index]
+        image = np.asarray(PIL.Image.open(dataset.image_path(i)).convert("RGB"))
+        gt = read_mask(dataset.mask_path(i), dataset.classes.num_classes)
+        _, gt = augment(image, gt, aug, np.random.default_rng([seed, counter]))
+        rng = np.random.default_rng(counter)
+        cams = np.stack([synthetic.noisy_cam((gt == c + 1).astype(np.uint8), rng, 0.04, 0.03, 0.05, 0.3) for c in lab])
+        out.append((torch.from_numpy(cams), gt, rng))
+    return out

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import crf, synthetic
 from pipeline.camfile import load_cams
@@ -13,12 +12,7 @@ from pipeline.labelio import read_label
 from pipeline.pseudo import PseudoConfig, pseudo_label, run_pseudo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from pipeline.camfile import upsample_cams
 from pipeline.crf import permutohedral, torch_backend
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # many small tensor ops: OpenMP threads only contend on a shared 2-core test machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene(seed, size, labels):

@@ -22,13 +22,7 @@ from pipeline.train import ConfigError, build_optimizer, load_config, lr_factor,
 from seg_helpers import make_data, overrides
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Test-sized convolutions: a second thread only adds contention on a busy machine (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ deeplab-pytorch, restated

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
-from pipeline import metrics, synthetic
+from pipeline import metrics
 from pipeline.classes import IGNORE_INDEX, ClassList
 from pipeline.clip import CLIP, CLIPArch
-from pipeline.datasets import build_dataset, read_mask
+from pipeline.datasets import build_dataset
 from pipeline.infer import InferConfig, infer_preset, msc_logits
 from pipeline.losses import affinity_labels, affinity_loss
 from pipeline.models import ExcelSeg, build_model, trainable_parameters
@@ -27,9 +27,8 @@ from pipeline.models.excel import dynamic_relation, feature_affinity
 from pipeline.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
 from pipeline.online.excel import ExcelLabelConfig
 from pipeline.randomclip import TINY, VIT_B_16, random_clip
-from pipeline.segdata import augment
 from pipeline.train import ConfigError, aug_config, build_optimizer, load_config, train
-from seg_helpers import make_data, overrides
+from seg_helpers import injected_crop_cams, make_data, overrides
 from stages.predict import add_infer_args, infer_overrides
 
 # two heads per block, six blocks: one plain, five calibrated
@@ -317,18 +316,9 @@ class InjectedCAMs:
 
     def __call__(self, batch, encoded, grid):
         real = self.real(batch, encoded, grid)
-        maps, gts = [], []
-        for (index, counter), lab in zip(batch.keys, batch.labels):
-            i = self.ids[index]
-            image = np.asarray(PIL.Image.open(self.ds.image_path(i)).convert("RGB"))
-            gt = read_mask(self.ds.mask_path(i), self.ds.classes.num_classes)
-            _, gt = augment(image, gt, self.aug, np.random.default_rng([self.seed, counter]))
-            rng = np.random.default_rng(counter)
-            maps.append(torch.from_numpy(np.stack([synthetic.noisy_cam((gt == c + 1).astype(np.uint8), rng, 0.04, 0.03,
-                                                                      0.05, 0.3) for c in lab])))
-            gts.append(gt)
-        self.gt.append(np.stack(gts))
-        out = pad_maps(maps, batch.labels)
+        crops = injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch)
+        self.gt.append(np.stack([gt for _, gt, _ in crops]))
+        out = pad_maps([cams for cams, _, _ in crops], batch.labels)
         return InitialCAMs(out.cams, out.valid, out.classes, real.attention_last)
 
 

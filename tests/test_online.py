@@ -2,7 +2,6 @@
 affinity labels and loss, background/foreground loss without NaN, the shared frozen pass."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,13 +14,7 @@ from pipeline.online.weclip import WeCLIPConfig, online_labels, rfm_attention
 from pipeline.randomclip import TINY, random_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: PAR's many small ops slow down ~20x when OpenMP threads spin on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def const(v, n=2):

@@ -12,21 +12,14 @@ import torch
 from pipeline import checkpoint as ckpt_io
 from pipeline import labelio, metrics, synthetic
 from pipeline.classes import IGNORE_INDEX
-from pipeline.datasets import build_dataset, read_mask
+from pipeline.datasets import build_dataset
 from pipeline.online import InitialCAMs, build_label_maker, pad_maps
 from pipeline.randomclip import TINY, random_clip
-from pipeline.segdata import augment
 from pipeline.train import aug_config, load_config, train
-from seg_helpers import make_data, overrides
+from seg_helpers import injected_crop_cams, make_data, overrides
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: PAR's many small ops slow down ~20x when OpenMP threads spin on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = "configs/weclip-online_voc.yaml"
 
@@ -137,14 +130,8 @@ class InjectedCAMs:
 
     def __call__(self, batch, inter, grid):
         maps, gts, attn = [], [], {i: [] for i in (*self.blocks, "last")}
-        for (index, counter), lab in zip(batch.keys, batch.labels):
-            i = self.ids[index]
-            image = np.asarray(PIL.Image.open(self.ds.image_path(i)).convert("RGB"))
-            gt = read_mask(self.ds.mask_path(i), self.ds.classes.num_classes)
-            _, gt = augment(image, gt, self.aug, np.random.default_rng([self.seed, counter]))
-            rng = np.random.default_rng(counter)
-            maps.append(torch.from_numpy(np.stack([synthetic.noisy_cam((gt == c + 1).astype(np.uint8), rng, 0.04, 0.03,
-                                                                      0.05, 0.3) for c in lab])))
+        for cams, gt, rng in injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch):
+            maps.append(cams)
             for k in attn:
                 attn[k].append(injected_attention(gt, synthetic.PATCH, rng))
             gts.append(gt)

@@ -9,7 +9,6 @@ import stat
 import numpy as np
 import pytest
 
-from conftest import make_voc
 from pipeline import synthetic
 from pipeline.datasets import build_dataset
 from pipeline.io import write_bytes, write_manifest
