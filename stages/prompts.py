@@ -1,4 +1,4 @@
-"""make prompts: rank prompt templates by sharpness on a labelled split (as in the CLIP-ES paper).
+"""make prompts: rank prompt templates by sharpness on a labelled split (CLIP-ES, CVPR 2023).
 
     python -m stages.prompts --dataset voc --root ~/data/VOC2012 --split train --clip ~/models/ViT-B-16.pt
     python -m stages.prompts --propose-background --classes my_classes.yaml

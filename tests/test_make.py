@@ -307,8 +307,9 @@ def run_documented(ctx: Ctx, command: str, spec: Run) -> subprocess.CompletedPro
     variables.update(spec.extra)
     dataset = variables.get("DATASET", "voc")
     variables = {k: localize(ctx, k, v, dataset) for k, v in variables.items()}
-    if "ARGS" not in variables and target in ("cams", "cams-pseudo", "pseudo", "eval", "viz"):
-        variables["ARGS"] = "--no-progress" + (" --workers 0" if target.startswith("cams") else "")
+    if "ARGS" not in variables and target in ("cams", "cams-pseudo", "pseudo", "eval", "viz", "prompts"):
+        variables["ARGS"] = {"cams": "--no-progress --workers 0", "cams-pseudo": "--no-progress --workers 0",
+                             "prompts": "--top 2"}.get(target, "--no-progress")
     return make(ctx, target, variables)
 
 
