@@ -296,7 +296,10 @@ def localize(ctx: Ctx, var: str, value: str, dataset: str) -> str:
 def make(ctx: Ctx, target: str, variables: dict[str, str]) -> subprocess.CompletedProcess:
     args = ["make", "-f", str(ROOT / "Makefile"), *([target] if target else []), f"PY={sys.executable}"]
     args += [f"{k}={v}" for k, v in variables.items()]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # run as a user's top-level make, also when the suite itself runs under `make test` (CI): no inherited
+    # MAKELEVEL/MAKEFLAGS, which would add "Entering directory" lines and the parent's flags
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run(args, cwd=ctx.work, env=env, capture_output=True, text=True, timeout=600)
 
 
