@@ -155,54 +155,51 @@ def cam_labels(initial: InitialCAMs, size) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("online_learn"), 32, 8, size=(96, 128), seed=1)
+    return make_data(tmp_path_factory.mktemp("online_learn"), 32, 8, size=(160, 192), seed=1)
 
 
-def test_online_labels_beat_the_injected_cams_and_the_decoder_beats_its_first_labels(scenes, tmp_path):
-    """PAR's online labels beat the CAMs they come from, and the decoder learns from them.
+@pytest.mark.slow
+def test_full_rfm_labels_beat_the_injected_cams_and_the_decoder_learns(scenes, tmp_path):
+    """The whole method (RFM on frozen attention, then on the decoder's affinity from the switch at
+    iteration 30, then PAR) makes online labels that beat the CAMs they come from, and the decoder learns.
 
-    Runs the 'decoder only' ablation (no RFM): on these 64-pixel crops (4 x 4 patches) the box masks'
-    last row and column are never inside a box, and with injected attention the full RFM + PAR labels
-    ranged from 0.60 to 0.77 mIoU against CAMs at 0.70-0.73 depending on the crops drawn (measured),
-    so they do not pass a fixed bar here; the RFM pieces are pinned by the unit tests instead.
-    Measured when written (120 iterations): CAMs 0.709, PAR labels 0.957, decoder 0.679 on held-out
-    scenes (an untrained decoder scores 0.1-0.3). With the full RFM the decoder (0.724) did end above
-    its first 20 iterations' labels (0.622), but these near-perfect PAR labels leave it no room to.
+    128-pixel crops (8 x 8 patches): on 64-pixel crops (4 x 4) the box masks' never-boxed last row and
+    column weigh so much that the full RFM's labels scored 0.60-0.77 against CAMs at 0.70-0.73.
+    Measured when written (60 iterations, scenes of seeds 1 / 2 / 3): CAMs 0.805 / 0.808 / 0.813,
+    online labels 0.932 / 0.906 / 0.928 (first 10 iterations' labels 0.957 / 0.948 / 0.952), decoder
+    0.738 / 0.692 / 0.581 on held-out scenes (an untrained decoder scores 0.1-0.3). The decoder does
+    not end above its first labels here: PAR makes them near perfect at pixel level while the decoder
+    predicts at patch resolution from random CLIP features (0.832 after 120 iterations).
     """
-    iters, early = 120, 20
-    sets = {"online.refine": "none", "data.crop": 64, "data.scale_range": "[0.6,1.0]", "train.batch_size": 4, "schedule.iters": iters,
+    iters, early = 60, 10
+    sets = {"data.crop": 128, "data.scale_range": "[0.6,1.0]", "train.batch_size": 4, "schedule.iters": iters,
             "schedule.warmup_iters": 10, "train.log_every": 100, "online.switch_iter": iters // 2,
             "train.val_every": iters}
     cfg = load_config(CONFIG, overrides(scenes, **sets))
+    assert cfg["online"]["refine"] == "both" and 0 < cfg["online"]["switch_iter"] < iters
     clip = random_clip(TINY, seed=3)
     ds = build_dataset("voc", scenes["root"], scenes["classes"])
     blocks = build_label_maker(cfg["online"], clip, ds.classes).attention_blocks
-    inject = InjectedCAMs(ds, ds.ids(str(scenes["train"])), aug_config(cfg["data"]), 1, blocks)
+    # the crops' ground truth is re-drawn with the training's own augmentation seed
+    inject = InjectedCAMs(ds, ds.ids(str(scenes["train"])), aug_config(cfg["data"]), cfg["train"]["seed"], blocks)
     maker = build_label_maker(cfg["online"], clip, ds.classes, cams=inject)
     n = ds.classes.num_classes + 1
-    conf = {"cams": np.zeros((n, n), np.int64), "labels": np.zeros((n, n), np.int64),
-            "first": np.zeros((n, n), np.int64)}
-
-    def record(batch, outputs, iteration):
-        got = maker_call(batch, outputs, iteration)
-        gt = inject.gt[-1]
-        lab = got.labels.cpu().numpy()
-        cam = cam_labels(got.initial, batch.images.shape[-2:]).cpu().numpy()
-        for b in range(len(gt)):
-            conf["cams"] += metrics.confusion_matrix(cam[b], gt[b], n, IGNORE_INDEX)
-            conf["labels"] += metrics.confusion_matrix(lab[b], gt[b], n, IGNORE_INDEX)
-            if iteration < early:
-                conf["first"] += metrics.confusion_matrix(lab[b], gt[b], n, IGNORE_INDEX)
-        return got
-
-    maker_call = maker.__call__
-    maker.__call__ = record
+    conf = {k: np.zeros((n, n), np.int64) for k in ("cams", "labels", "first")}
 
     class Recording:
         attention_blocks = maker.attention_blocks
 
         def __call__(self, batch, outputs, iteration):
-            return record(batch, outputs, iteration)
+            got = maker(batch, outputs, iteration)
+            gt = inject.gt[-1]
+            lab = got.labels.cpu().numpy()
+            cam = cam_labels(got.initial, batch.images.shape[-2:]).cpu().numpy()
+            for b in range(len(gt)):
+                conf["cams"] += metrics.confusion_matrix(cam[b], gt[b], n, IGNORE_INDEX)
+                conf["labels"] += metrics.confusion_matrix(lab[b], gt[b], n, IGNORE_INDEX)
+                if iteration < early:
+                    conf["first"] += metrics.confusion_matrix(lab[b], gt[b], n, IGNORE_INDEX)
+            return got
 
     res = train(cfg, tmp_path / "run", progress=False, tensorboard=False, clip_model=clip, label_maker=Recording(),
                 log=lambda *_: None)
@@ -213,8 +210,8 @@ def test_online_labels_beat_the_injected_cams_and_the_decoder_beats_its_first_la
     assert res["val_miou"] > DECODER_BAR, (res["val_miou"], first)
 
 
-MARGIN_LABELS = 0.10   # measured +0.25
-DECODER_BAR = 0.55     # measured 0.68; an untrained decoder scores 0.1-0.3
+MARGIN_LABELS = 0.06   # measured +0.10 to +0.13 over three scene seeds
+DECODER_BAR = 0.45     # measured 0.58-0.74; an untrained decoder scores 0.1-0.3
 
 
 def test_online_ddp_two_cpu_processes_with_gloo(data, tmp_path):
