@@ -34,6 +34,9 @@ from .segdata import normalize
 from .viz import overlay
 
 
+AVERAGE_AT = ("image", "logits")
+
+
 @dataclass(frozen=True)
 class InferConfig:
     """scales: relative to the (resized) image; long_side: resize the long side to this first (None: keep);
@@ -42,7 +45,10 @@ class InferConfig:
     window/stride: sliding-window tile and step in pixels when a side exceeds ``window`` (None: whole image);
     crf: dense CRF on the softmax with ``crf_preset`` (None: by model family, see ``crf_preset_for``),
     ``crf_params`` overriding the preset's numbers, on ``crf_backend`` ('auto' | 'torch' | 'pydensecrf'),
-    images above ``crf_max_pixels`` through a scaled-down CRF (``crf.crf_scores``)."""
+    images above ``crf_max_pixels`` through a scaled-down CRF (``crf.crf_scores``); average_at: 'image'
+    (each scale's logits resized to the image, then averaged) or 'logits' (WeCLIP's test script: each
+    scale's patch-resolution logits resized to the first scale's logit grid, averaged, resized once to the
+    image; models with ``forward_patch_logits``, no sliding window)."""
 
     scales: tuple[float, ...] = (1.0, 0.75)
     flip: bool = True
@@ -58,8 +64,13 @@ class InferConfig:
     crf_max_pixels: int | None = DEFAULT_MAX_PIXELS
     normalize: str = "imagenet"
     batch_tiles: int = 4
+    average_at: str = "image"
 
     def __post_init__(self) -> None:
+        if self.average_at not in AVERAGE_AT:
+            raise ValueError(f"inference average_at must be one of {AVERAGE_AT}, got {self.average_at!r}")
+        if self.average_at == "logits" and self.window is not None:
+            raise ValueError("inference average_at: logits averages whole-image patch logits; set window: null")
         if self.crf_preset is not None:
             preset(self.crf_preset)
         if self.crf_backend not in BACKENDS:
@@ -154,29 +165,52 @@ def window_logits(model: nn.Module, x: torch.Tensor, window: int | None, stride:
     return out / count
 
 
+def require_patch_logits(model: nn.Module) -> int:
+    """The model's patch size, or a clear error when it has no patch-resolution logits."""
+    if not (hasattr(model, "forward_patch_logits") and hasattr(model, "patch")):
+        raise ValueError(f"inference average_at: logits needs a model with patch-resolution logits "
+                         f"(forward_patch_logits), which {type(model).__name__} lacks; use average_at: image")
+    return model.patch
+
+
+def patch_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x (1, 3, H, W) -> the model's patch-resolution logits (1, C, H // p, W // p) float32; the last
+    H mod p rows and W mod p columns are dropped, as a stride-p patch embedding does."""
+    p = require_patch_logits(model)
+    H, W = x.shape[-2:]
+    return model.forward_patch_logits(x[..., :H // p * p, :W // p * p]).float()
+
+
 @torch.no_grad()
 def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
     """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2
-    (logits alone at ``unflipped_scales``)."""
+    (logits alone at ``unflipped_scales``), averaged at the image size or, with ``average_at: logits``,
+    at the first scale's patch-logit grid and then resized once."""
     H, W = x.shape[-2:]
     base = x
     if cfg.long_side:
         r = cfg.long_side / max(H, W)
         base = F.interpolate(x, size=(int(H * r), int(W * r)), mode="bilinear", align_corners=False)
-    total = None
+    if cfg.average_at == "logits":
+        forward = lambda xs: patch_logits(model, xs)  # noqa: E731
+    else:
+        forward = lambda xs: window_logits(model, xs, cfg.window, cfg.stride, cfg.batch_tiles)  # noqa: E731
+    total, size = None, (H, W)
     for s in cfg.scales:
         if cfg.square:
             side = int(cfg.square * s)
             xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         else:
             xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
-        logits = window_logits(model, xs, cfg.window, cfg.stride, cfg.batch_tiles)
+        logits = forward(xs)
         if cfg.flip and s not in cfg.unflipped_scales:
-            flipped = window_logits(model, xs.flip(-1), cfg.window, cfg.stride, cfg.batch_tiles)
-            logits = (logits + flipped.flip(-1)) / 2
-        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+            logits = (logits + forward(xs.flip(-1)).flip(-1)) / 2
+        if total is None and cfg.average_at == "logits":
+            size = logits.shape[-2:]
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         total = logits if total is None else total + logits
-    return total / len(cfg.scales)
+    total = total / len(cfg.scales)
+    return F.interpolate(total, size=(H, W), mode="bilinear", align_corners=False) if size != (H, W) else total
 
 
 def crf_refine(image_rgb: np.ndarray, probs: np.ndarray, params: CRFParams, guide: str = "wrapped",
@@ -252,6 +286,8 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
     conf = np.zeros((n, n), np.int64) if gt else None
     errors: dict[str, str] = {}
     t0 = time.perf_counter()
+    if cfg.average_at == "logits":
+        require_patch_logits(model)                  # once, not as an error on every image
     model.eval()
     for image_id in tqdm(ids, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
         try:

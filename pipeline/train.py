@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
                "segmentation_targets_from": None, "tse": True, "descriptions": None, "attribute_bank": None},
     "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],
               "window": None, "stride": None, "crf": False, "crf_preset": None, "crf_params": None,
-              "crf_backend": "auto", "crf_max_pixels": 1_000_000},
+              "crf_backend": "auto", "crf_max_pixels": 1_000_000, "average_at": "image"},
     "val": {"scales": [1.0], "flip": False, "long_side": None, "square": None, "window": None, "stride": None,
             "crf": False},
 }

@@ -40,6 +40,47 @@ def test_tiles_cover_the_image_and_window_equals_whole_image():
     assert two.shape == whole.shape and (two.argmax(1) == model(smooth).argmax(1)).float().mean() > 0.9
 
 
+class PatchMean(Pointwise):
+    """Patch-resolution 'logits': the mean of each 4 x 4 patch (inputs must be multiples of 4)."""
+    patch = 4
+
+    def forward_patch_logits(self, x):
+        B, C, H, W = x.shape
+        assert H % 4 == 0 and W % 4 == 0
+        return x.reshape(B, C, H // 4, 4, W // 4, 4).mean(dim=(3, 5))
+
+
+def test_average_at_logits_matches_weclips_test_script_by_hand():
+    x = torch.randn(1, 3, 22, 30)
+    cfg = InferConfig(scales=(1.0, 0.5), flip=True, average_at="logits")
+    got = msc_logits(PatchMean(), x, cfg)
+
+    def pooled(a):                                   # 4 x 4 patch means, remainder rows / columns dropped
+        h, w = a.shape[-2] // 4, a.shape[-1] // 4
+        return torch.stack([torch.stack([a[0, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].mean(dim=(1, 2))
+                                         for j in range(w)], dim=-1) for i in range(h)], dim=-2)[None]
+
+    bil = lambda a, size: nn.functional.interpolate(a, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+    one = (pooled(x) + pooled(x.flip(-1)).flip(-1)) / 2                      # (1, 3, 5, 7)
+    half = nn.functional.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)   # 11 x 15
+    half = (pooled(half) + pooled(half.flip(-1)).flip(-1)) / 2               # (1, 3, 2, 3)
+    want = bil((one + bil(half, (5, 7))) / 2, (22, 30))
+    assert one.shape[-2:] == (5, 7) and got.shape == (1, 3, 22, 30)
+    assert torch.allclose(got, want, atol=1e-6)
+    # averaging at the image size instead gives other numbers: bilinear resizes do not compose
+    at_image = (bil(one, (22, 30)) + bil(half, (22, 30))) / 2
+    assert (at_image - want).abs().max() > 1e-3
+
+
+def test_average_at_logits_refuses_models_without_patch_logits_and_windows():
+    with pytest.raises(ValueError, match="forward_patch_logits"):
+        msc_logits(Pointwise(), torch.randn(1, 3, 16, 16), InferConfig(average_at="logits"))
+    with pytest.raises(ValueError, match="window: null"):
+        InferConfig(average_at="logits", window=32)
+    with pytest.raises(ValueError, match="average_at"):
+        InferConfig(average_at="patch")
+
+
 def test_crf_on_blurred_probabilities_recovers_edges():
     H, W = 60, 80
     gt = np.zeros((H, W), np.int64)
@@ -125,6 +166,9 @@ def test_checkpoint_for_other_classes_is_refused(trained, tmp_path):
     ds = build_dataset("voc", d["root"], d["classes"])
     with pytest.raises(ckpt_io.CheckpointMismatch, match="c.pt"):
         evaluate_model(tmp_path / "c.pt", ds, d["val_ids"], device="cpu", progress=False)
+    with pytest.raises(ValueError, match="forward_patch_logits"):   # DeepLab has no patch logits: one clear error
+        evaluate_model(run, ds, d["val_ids"], device="cpu", progress=False,
+                       infer={"average_at": "logits", "window": None})
 
 
 def test_predict_cli_on_a_plain_image_folder(trained, tmp_path):

@@ -79,7 +79,7 @@ def test_online_resume_continues_exactly_across_the_phase_switch(data, tmp_path)
     from pipeline.infer import InferConfig
 
     icfg = InferConfig.from_dict(a["meta"]["infer"])             # what make predict / eval WHAT=model read
-    assert icfg.long_side == 512 and icfg.scales == (1.0, 0.75) and icfg.flip
+    assert icfg.long_side == 512 and icfg.scales == (1.0, 0.75) and icfg.flip and icfg.average_at == "logits"
     params, guide = icfg.crf_setup()
     assert (params.pos_xy, params.bi_xy, params.bi_rgb, guide) == (3.0, 64.0, 5.0, "rgb")
     # an ablation is a config value, recorded with the run, and it changes the labels (and so the losses)
