@@ -88,9 +88,15 @@ def resolve_par(cfg: PseudoConfig, cams_config: Any) -> PseudoConfig:
     resized to (ExCEL's --input-size), else 0 (the image at its own size)."""
     if cfg.refine != "par" or cfg.par_input_size is not None:
         return cfg
+    return replace(cfg, par_input_size=cams_input_size(cams_config) or 0)
+
+
+def cams_input_size(cams_config: Any) -> int | None:
+    """The square size the CAM stage resized images to (ExCEL's --input-size), from its manifest config;
+    None when it kept each image's aspect."""
     cam = cams_config.get("cam") if isinstance(cams_config, dict) else None
     size = cam.get("input_size") if isinstance(cam, dict) else None
-    return replace(cfg, par_input_size=int(size or 0))
+    return int(size) if size else None
 
 
 # ------------------------------------------------------------------------------- one image
@@ -259,7 +265,7 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
         n_jobs = 1
     config = stage_config(dataset, cams_dir, cfg)
     max_patches = (config["cams_config"] or {}).get("max_patches") or DEFAULT_MAX_PATCHES
-    input_size = ((config["cams_config"] or {}).get("cam") or {}).get("input_size")
+    input_size = cams_input_size(config["cams_config"])
     resume = check_manifest(out_dir, config, overwrite=overwrite, outputs="*.png")
     write_manifest(out_dir, config, status="running")
     tasks, skipped = [], 0
