@@ -25,13 +25,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.cam import CAMEngine  # noqa: E402
+from pipeline.cams.gradcam import CAMEngine  # noqa: E402
 from pipeline.cams.excel import ExcelConfig, ExcelEngine  # noqa: E402
 from pipeline.classes import builtin  # noqa: E402
 from pipeline.clip import load_clip, read_state_dict  # noqa: E402
 from pipeline.image import load_image, preprocess, target_size  # noqa: E402
 from pipeline.randomclip import VIT_B_16, random_clip, save_clip  # noqa: E402
-from pipeline.stage_cams import CamsConfig, run_cams  # noqa: E402
+from pipeline.cams.stage import CamsConfig, run_cams  # noqa: E402
 from reference import ReferenceCLIP, reference_cams, reference_text  # noqa: E402
 
 LABELS = [[14, 8, 11], [2, 6, 14], [7, 11, 17], [0, 5, 6], [9, 12, 16], [3, 10, 18]]

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .cam import class_scores
+from .cams.gradcam import class_scores
 from .classes import DATA_DIR, ClassList
 from .clip import CLIP
 from .io import write_bytes
@@ -212,7 +212,7 @@ def run_prompts(cfg: PromptsConfig) -> tuple[Ranking, dict[str, str]]:
     import numpy as np
     from tqdm import tqdm
 
-    from .cam import CAMConfig, CAMEngine
+    from .cams.gradcam import CAMConfig, CAMEngine
     from .camfile import upsample_cams
     from .clip import load_clip, resolve_device
     from .datasets import SampleError, build_dataset, read_mask

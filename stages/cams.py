@@ -11,7 +11,7 @@ import sys
 
 from pipeline.clip import CheckpointError
 from pipeline.io import StaleOutputError
-from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.cams.stage import CamsConfig, run_cams
 from stages.common import fail, print_failures
 from stages.pseudo import add_pseudo_args, pseudo_config
 

@@ -13,7 +13,7 @@ from pipeline.datasets import build_dataset
 from pipeline.demo import make_demo_voc
 from pipeline.pseudo import PseudoConfig, run_pseudo
 from pipeline.randomclip import TINY, random_clip, save_clip
-from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.cams.stage import CamsConfig, run_cams
 from pipeline.viz import run_viz
 
 BANNER = """

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import affinity
 from pipeline.affinity import box_mask, sinkhorn, transition_matrix
-from pipeline.cam import CAMConfig, CAMEngine, class_scores, gradcam
+from pipeline.cams.gradcam import CAMConfig, CAMEngine, class_scores, gradcam
 from pipeline.classes import builtin
 from pipeline.clip import load_clip, read_state_dict
 from pipeline.randomclip import VIT_B_16, random_clip, save_clip

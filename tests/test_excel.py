@@ -17,7 +17,7 @@ from pipeline.camfile import load_cams
 from pipeline.classes import ClassList, builtin
 from pipeline.clip import CLIPArch
 from pipeline.randomclip import random_clip
-from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.cams.stage import CamsConfig, run_cams
 from stages.cams import main as cams_main
 
 # two heads per block (width 128 / 64), eight blocks: three plain, five calibrated

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cam import CAMEngine
+from pipeline.cams.gradcam import CAMEngine
 from pipeline.classes import builtin
 from pipeline.clip import load_clip
 from pipeline.randomclip import VIT_B_16, random_clip, save_clip

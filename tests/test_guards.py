@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import make_voc
-from pipeline.cam import CAMConfig, CAMEngine
+from pipeline.cams.gradcam import CAMConfig, CAMEngine
 from pipeline.classes import ClassList, builtin
 from pipeline.clip import CLIPArch, load_clip, read_state_dict
 from pipeline.infer import InferConfig, msc_logits
@@ -25,7 +25,7 @@ from pipeline.io import StaleOutputError
 from pipeline.models import build_model
 from pipeline.pseudo import PseudoConfig
 from pipeline.randomclip import TINY, random_clip, save_clip
-from pipeline.stage_cams import run_cams, shard_ids
+from pipeline.cams.stage import run_cams, shard_ids
 from pipeline.train import load_config, segmentation_loss
 from reference import ReferenceCLIP, reference_cams, reference_text
 from stages import cams as cams_stage

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, make_voc
 from pipeline import checkpoint as ckpt_io
 from pipeline import io as pio
-from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.cams.stage import CamsConfig, run_cams
 
 
 def _leftovers(folder) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.affinity import minmax
-from pipeline.cam import CAMConfig, CAMEngine, class_scores
+from pipeline.cams.gradcam import CAMConfig, CAMEngine, class_scores
 from pipeline.classes import ClassList, builtin
 from pipeline.clip import load_clip
 from pipeline.prompts import (PromptsConfig, best_template, propose_background, run_prompts, score_templates,
@@ -128,7 +128,7 @@ def test_custom_vocabulary_end_to_end(tmp_path, tiny_clip_path):
     from conftest import textured_image
     from pipeline.datasets import build_dataset
     from pipeline.pseudo import PseudoConfig, run_pseudo
-    from pipeline.stage_cams import CamsConfig, run_cams
+    from pipeline.cams.stage import CamsConfig, run_cams
 
     imgs = tmp_path / "photos"
     imgs.mkdir()

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT, make_voc, textured_image, write_voc_xml
 from pipeline.camfile import load_cams, upsample_cams
 from pipeline.io import StaleOutputError, sha256_file
-from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.cams.stage import CamsConfig, run_cams
 from stages.cams import main as cams_main
 
 

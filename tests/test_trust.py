@@ -13,7 +13,7 @@ from pipeline import synthetic
 from pipeline.datasets import build_dataset
 from pipeline.io import write_bytes, write_manifest
 from pipeline.pseudo import PseudoConfig, run_pseudo
-from pipeline.stage_cams import CamsConfig, run_cams
+from pipeline.cams.stage import CamsConfig, run_cams
 
 N = 4
 

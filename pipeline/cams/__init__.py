@@ -10,7 +10,7 @@ A method module provides:
 - ``image_loader(config, max_patches, exif_transpose)``: a picklable ``path -> (float32 (3, h', w')
   tensor, original (H, W))`` used by the stage's decoding workers;
 - ``build_engine(model, classes, config)``: a callable ``(images (B, 3, h', w'), labels) ->
-  list[cam.CAMResult]`` (refined CAMs and initial CAMs, (K, h, w) each, at patch resolution).
+  list[gradcam.CAMResult]`` (refined CAMs and initial CAMs, (K, h, w) each, at patch resolution).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """CLIP-ES (CVPR 2023) as a CAM method: Softmax-GradCAM refined by class-aware attention affinity
-(``pipeline.cam``), on PIL-bicubic resized images at their own aspect ratio."""
+(``pipeline.cams.gradcam``), on PIL-bicubic resized images at their own aspect ratio."""
 from __future__ import annotations
 
 import dataclasses
 import functools
 from typing import Any
 
-from ..cam import CAMConfig, CAMEngine
+from .gradcam import CAMConfig, CAMEngine
 from ..classes import ClassList
 from ..clip import CLIP
 from ..image import load_for_model

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..affinity import box_masks, mean_attention, refine, transition_matrix
-from ..cam import CAMResult
+from .gradcam import CAMResult
 from ..classes import DATA_DIR, ClassList
 from ..clip import CLIP, Calibrated
 from ..image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PATCHES, load_image, target_size

@@ -81,7 +81,7 @@ def pad_maps(maps: Sequence[torch.Tensor], labels: Sequence[Sequence[int]]) -> I
 
 
 class GradCAMSource:
-    """The CAM stage's Softmax-GradCAM (``cam.CAMEngine``) on the model's own frozen pass: only the
+    """The CAM stage's Softmax-GradCAM (``cams.gradcam.CAMEngine``) on the model's own frozen pass: only the
     last encoder block runs again (with grad), every class of every crop in one backward."""
 
     def __init__(self, engine):
@@ -127,7 +127,7 @@ def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | N
 
         wcfg = WeCLIPConfig.from_dict(cfg, classes.box_threshold)
         if cams is None:
-            from ..cam import CAMConfig, CAMEngine
+            from ..cams.gradcam import CAMConfig, CAMEngine
 
             # no CAA inside the engine: RFM refines the GradCAM maps; fp32/bf16 arithmetic, no fp16 emulation
             cams = GradCAMSource(CAMEngine(clip, classes, CAMConfig(box_threshold=wcfg.box_threshold, exact=False)))
