@@ -10,7 +10,8 @@ writes them in the VOC layout::
 
 so ``datasets.build_dataset('voc', root)`` reads it with ``split=<root>/ImageSets/Segmentation/<split>.txt``.
 ``make_noisy_cams`` turns the ground truth into CAM files (camfile contract) the way real CAMs are
-wrong: shifted, blurred, noisy, with spurious blobs, at patch resolution.
+wrong: shifted, blurred, noisy, with spurious blobs, at patch resolution, and optionally with the
+CAMs of two co-occurring classes traded (``swap_cooccurring``).
 """
 from __future__ import annotations
 
@@ -145,6 +146,25 @@ def noisy_cam(mask: np.ndarray, rng: np.random.Generator, blur: float, offset: f
     return ((cam - cam.min()) / (cam.max() - cam.min() + 1e-7)).astype(np.float32)
 
 
+def swap_cooccurring(cams: np.ndarray, visible: Sequence[bool], rng: np.random.Generator, p: float) -> np.ndarray:
+    """(K, h, w) CAMs of one image -> a copy in which, with probability ``p``, the CAMs of two classes
+    visible in the image (``visible`` (K,)) trade places: the classifier fires for each class on the
+    other's object, the confusion of co-occurring classes that no affinity or colour refinement of
+    one image can undo (its regions are right, their classes wrong), while a model trained on many
+    images sees each class on the right object most of the time.
+
+    No random number is drawn when ``p`` is 0 or fewer than two classes are visible, so the default
+    leaves every other draw of the caller's generator as it was.
+    """
+    seen = np.flatnonzero(np.asarray(visible, bool))
+    out = cams.copy()
+    if p <= 0 or len(seen) < 2 or rng.random() >= p:
+        return out
+    a, b = rng.choice(seen, 2, replace=False)
+    out[[a, b]] = cams[[b, a]]
+    return out
+
+
 # -------------------------------------------------------------------------------------- writers
 def make_scenes(root: str | Path, n: int, size: tuple[int, int] = (96, 128), seed: int = 0, *,
                 classes: ClassList | None = None, max_objects: int = 3, split: str = "train",
@@ -174,11 +194,12 @@ def make_scenes(root: str | Path, n: int, size: tuple[int, int] = (96, 128), see
 
 def make_noisy_cams(root: str | Path, out_dir: str | Path, ids: Sequence[str] | None = None, *,
                     split: str = "train", seed: int = 0, blur: float = 0.04, offset: float = 0.03,
-                    noise: float = 0.05, spurious: float = 0.3, classes: ClassList | None = None) -> list[str]:
+                    noise: float = 0.05, spurious: float = 0.3, swap: float = 0.0,
+                    classes: ClassList | None = None) -> list[str]:
     """For each scene id (default: the ``split`` list), write ``<out_dir>/<id>.npz`` CAMs made from its GT.
 
     Keys follow the annotation order (as the CAM stage reads them); each class's CAM is ``noisy_cam``
-    of its GT mask. Returns the ids written.
+    of its GT mask, then ``swap_cooccurring`` with probability ``swap``. Returns the ids written.
     """
     root, out_dir = Path(root), Path(out_dir)
     ds = VOCDataset(root, classes)
@@ -188,6 +209,7 @@ def make_noisy_cams(root: str | Path, out_dir: str | Path, ids: Sequence[str] | 
         gt = read_mask(ds.mask_path(image_id), ds.classes.num_classes)
         keys = np.asarray(ds.labels(image_id), np.int64)
         cams = np.stack([noisy_cam((gt == k + 1).astype(np.uint8), rng, blur, offset, noise, spurious) for k in keys])
+        cams = swap_cooccurring(cams, [(gt == k + 1).any() for k in keys], rng, swap)
         save_cams(out_dir / f"{image_id}.npz", keys, cams, gt.shape)
     return ids
 

@@ -74,10 +74,12 @@ def overrides(d: dict, **extra) -> list[str]:
     return [f"{k}={'null' if v is None else v}" for k, v in items.items()]
 
 
-def injected_crop_cams(dataset, ids, aug, seed, batch) -> list[tuple[torch.Tensor, np.ndarray, np.random.Generator]]:
+def injected_crop_cams(dataset, ids, aug, seed, batch, swap: float = 0.0
+                       ) -> list[tuple[torch.Tensor, np.ndarray, np.random.Generator]]:
     """For each crop of an online training batch (``batch.keys`` = (index into ``ids``, sample counter)):
     CAMs (K, h, w) made the way real ones go wrong (``synthetic.noisy_cam``: shifted, blurred, spurious
-    blobs, noise, at patch resolution) from the crop's ground truth, that ground truth (re-drawn with the
+    blobs, noise, at patch resolution; two co-occurring classes traded with probability ``swap``,
+    ``synthetic.swap_cooccurring``) from the crop's ground truth, that ground truth (re-drawn with the
     training augmentation's seed), and the crop's RNG for any further injected signal."""
     out = []
     for (index, counter), lab in zip(batch.keys, batch.labels):
@@ -87,5 +89,6 @@ def injected_crop_cams(dataset, ids, aug, seed, batch) -> list[tuple[torch.Tenso
         _, gt = augment(image, gt, aug, np.random.default_rng([seed, counter]))
         rng = np.random.default_rng(counter)
         cams = np.stack([synthetic.noisy_cam((gt == c + 1).astype(np.uint8), rng, 0.04, 0.03, 0.05, 0.3) for c in lab])
+        cams = synthetic.swap_cooccurring(cams, [(gt == c + 1).any() for c in lab], rng, swap)
         out.append((torch.from_numpy(cams), gt, rng))
     return out
