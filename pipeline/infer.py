@@ -234,15 +234,25 @@ def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, dev
 
 
 # ---------------------------------------------------------------------------------- model files
-def checkpoint_infer_config(meta: dict[str, Any], overrides: dict[str, Any] | None = None) -> InferConfig:
-    """Inference settings for a checkpoint: those stored at training time, then ``overrides``; the input
-    convention is always the one the model was trained with (``ValueError`` when an override differs)."""
+def infer_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or by default CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def checkpoint_infer_config(meta: dict[str, Any], overrides: dict[str, Any] | InferConfig | None = None,
+                            device: str | torch.device | None = None) -> InferConfig:
+    """Inference settings for a checkpoint (its ``meta``): those stored at training time, then
+    ``overrides`` (a dict of ``InferConfig`` fields, or a whole ``InferConfig``); the input convention is
+    always the one the model was trained with (``ValueError`` when an override differs). With ``device``
+    the CRF backend is resolved for it, as predictions and manifests use it: the stages call this before
+    loading the model, so a refused output folder costs no prediction."""
     norm = meta.get("normalize", "imagenet")
-    overrides = dict(overrides or {})
+    overrides = dict(overrides.as_dict() if isinstance(overrides, InferConfig) else overrides or {})
     if overrides.get("normalize", norm) != norm:
         raise ValueError(f"this model was trained on {norm!r} inputs; it cannot be fed {overrides['normalize']!r}")
     family = meta.get("family") or meta.get("model", {}).get("name")
-    return InferConfig.from_dict({**meta.get("infer", {}), **overrides, "normalize": norm}, model=family)
+    cfg = InferConfig.from_dict({**meta.get("infer", {}), **overrides, "normalize": norm}, model=family)
+    return cfg if device is None else cfg.resolved(infer_device(device))
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", clip: str | Path | None = None,
@@ -325,20 +335,21 @@ def evaluate_model(checkpoint: str | Path, dataset, ids: Sequence[str], *, out_d
     """``make eval WHAT=model``: predict ``ids`` with a trained checkpoint (file or run folder) and score
     them against the dataset's ground truth with ``metrics.confusion_matrix`` / ``mean_iou``.
 
-    ``infer``: an ``InferConfig`` or dict of its fields; default: the config stored in the checkpoint.
+    ``infer``: an ``InferConfig`` or dict of its fields over the config stored in the checkpoint
+    (``checkpoint_infer_config``).
     ``out_dir``: also write the predicted label PNGs there. Returns {what: 'model', miou, accuracy, conf,
     evaluated, failed, errors, checkpoint, infer, seconds, images_per_s}; ``conf`` feeds
     ``metrics.per_class_rows`` / ``write_tables`` like the pseudo-label evaluation.
     """
     from .metrics import mean_iou, pixel_accuracy
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = infer_device(device)
     model, meta = load_model(checkpoint, dev, clip, log=lambda *_: None)
     if list(meta["class_names"]) != ["background", *dataset.classes.names]:
         raise ckpt_io.CheckpointMismatch(f"{checkpoint}: trained for {meta['num_classes']} classes "
                                          f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has "
                                          f"{dataset.classes.num_classes + 1} ({', '.join(dataset.classes.names[:3])}, ...)")
-    cfg = checkpoint_infer_config(meta, infer.as_dict() if isinstance(infer, InferConfig) else infer).resolved(dev)
+    cfg = checkpoint_infer_config(meta, infer, dev)
     res = predict_split(model, dataset, ids, out_dir, cfg, dev, gt=True, progress=progress)
     return {"what": "model", "miou": mean_iou(res["conf"]), "accuracy": pixel_accuracy(res["conf"]),
             "conf": res["conf"], "evaluated": res["done"], "failed": res["failed"], "errors": res["errors"],

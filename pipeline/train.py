@@ -30,7 +30,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .io import check_output_folder, code_version, write_bytes, write_json
-from .losses import LOSSES, affinity_labels, affinity_loss, segmentation_loss  # noqa: F401  (re-exported)
+from .losses import LOSSES, ONE, Pool, affinity_labels, affinity_loss, segmentation_loss  # noqa: F401  (re-exported)
 
 # Every key a config may set; YAML files and --set overrides are merged onto this.
 DEFAULTS: dict[str, Any] = {
@@ -177,11 +177,11 @@ def lr_factor(step: int, iters: int, warmup_iters: int, warmup_ratio: float, pow
     return max(0.0, 1 - every * (step // every) / iters) ** power
 
 
-def model_loss(model: nn.Module, outputs, labels: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+def model_loss(model: nn.Module, outputs, labels: torch.Tensor, kind: str = "ce", pool: Pool = ONE) -> torch.Tensor:
     """``segmentation_loss`` of the model's outputs, through the model's ``training_loss`` hook when it
     has one (DeepLab's multi-scale outputs: a sum over scales at their own resolutions)."""
     hook = getattr(ckpt_io.unwrap(model), "training_loss", None)
-    loss_fn = lambda lg, lb: segmentation_loss(lg, lb, kind)  # noqa: E731
+    loss_fn = lambda lg, lb: segmentation_loss(lg, lb, kind, pool)  # noqa: E731
     return hook(outputs, labels, loss_fn) if hook else loss_fn(outputs, labels)
 
 
@@ -200,6 +200,12 @@ def build_optimizer(model: nn.Module, optim: Mapping) -> torch.optim.Optimizer:
 def dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the DDP processes (in place)."""
+    dist.all_reduce(t)
+    return t
 
 
 def pick_device(want: str, local_rank: int) -> torch.device:
@@ -473,6 +479,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     else:
         train_set = SegTrainSet(train_samples, aug_config(cfg["data"]), seed)
     aff_w, aff_radius = float(t_cfg["aff_weight"]), int(t_cfg["aff_radius"])
+    pool = Pool(world, all_sum) if world > 1 else ONE   # losses pooled over all processes' batches
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, num_workers=workers,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -510,8 +517,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                         else:
                             out = model(images, outputs="train") if aff_w else {"logits": model(images)}
                             labels = pairs = targets.to(device, non_blocking=True)
-                    loss_seg = model_loss(model, out["logits"], labels, t_cfg["loss"])
-                    loss_aff = affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], aff_radius)) \
+                    loss_seg = model_loss(model, out["logits"], labels, t_cfg["loss"], pool)
+                    loss_aff = affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], aff_radius), pool) \
                         if aff_w else torch.zeros((), device=device)
                     loss = (loss_seg + aff_w * loss_aff) / accum
                     scaler.scale(loss).backward()
@@ -521,6 +528,9 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if world > 1:   # the processes' mean of their pooled losses is the global batch's loss
+                sums = all_sum(torch.tensor([loss_sum, seg_sum, aff_sum], dtype=torch.float64, device=device))
+                loss_sum, seg_sum, aff_sum = (sums / world).tolist()
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss became {loss_sum} at iteration {it + 1}; lower optim.lr or use amp=bf16")
             last_loss = loss_sum

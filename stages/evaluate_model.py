@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip import CheckpointError
-    from pipeline.infer import evaluate_model
+    from pipeline.infer import checkpoint_infer_config, evaluate_model
     from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_json, write_manifest
     from stages.common import DEFAULT_SPLIT, open_dataset
 
@@ -58,12 +58,13 @@ def main(argv=None) -> int:
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         out = Path(args.out) if args.out else (Path("outputs") / args.dataset / "eval"
                                                / f"model_{ckpt_io.label(ckpt_file)}_{split}{settings_suffix(args)}")
-        res = evaluate_model(ckpt_file, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
-                             infer=infer_overrides(args), device=args.device, clip=args.clip,
-                             progress=not args.no_progress)
-        config = {"stage": "evaluate_model", "checkpoint_sha256": sha256_file(ckpt_file), "infer": res["infer"],
+        # the settings first, so that a folder holding another evaluation is refused before any prediction
+        infer = checkpoint_infer_config(ckpt_io.load(ckpt_file)["meta"], infer_overrides(args), args.device)
+        config = {"stage": "evaluate_model", "checkpoint_sha256": sha256_file(ckpt_file), "infer": infer.as_dict(),
                   "root": str(Path(args.root).resolve()), "split": args.split}
         check_manifest(out, config, args.overwrite, outputs="per_class.*")
+        res = evaluate_model(ckpt_file, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
+                             infer=infer, device=args.device, clip=args.clip, progress=not args.no_progress)
         rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
         summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
                    "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],

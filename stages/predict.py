@@ -83,16 +83,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
-
     from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip import CheckpointError
-    from pipeline.infer import checkpoint_infer_config, load_model, predict_split
+    from pipeline.infer import checkpoint_infer_config, infer_device, load_model, predict_split
     from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_manifest
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = infer_device(args.device)
         model, meta = load_model(args.checkpoint, device, args.clip)
         if args.images:  # the checkpoint knows its classes; no labels are needed to predict
             names = tuple(meta["class_names"][1:])
@@ -104,7 +102,7 @@ def main(argv=None) -> int:
         if list(meta["class_names"]) != ["background", *ds.classes.names]:
             raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
                                      f"has {ds.classes.num_classes + 1}")
-        cfg = checkpoint_infer_config(meta, infer_overrides(args)).resolved(device)
+        cfg = checkpoint_infer_config(meta, infer_overrides(args), device)
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         source = Path(args.images).resolve().name if args.images else Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / ckpt_io.label(ckpt_file) / source

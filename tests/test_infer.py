@@ -158,6 +158,34 @@ def test_cli_predict_and_evaluate_model(trained, tmp_path):
     assert ev.main(common[:4] + voc21 + common[6:] + ["--out", str(tmp_path / "x")]) == 2
 
 
+def test_evaluate_model_refuses_a_stale_folder_before_predicting(trained, tmp_path, monkeypatch, capsys):
+    """A second evaluation with other settings into the same folder fails at once with the stale-output
+    message: no model is loaded and no image predicted, and the first tables stay as they were."""
+    from stages import evaluate_model as ev
+
+    d, run = trained
+    common = ["--dataset", "voc", "--root", str(d["root"]), "--classes", str(d["classes"]), "--split", str(d["val"]),
+              "--checkpoint", str(run), "--no-progress", "--device", "cpu", "--out", str(tmp_path / "e")]
+    assert ev.main(common + ["--scales", "1.0", "--no-flip"]) == 0
+    before = (tmp_path / "e" / "per_class.csv").read_bytes()
+    calls = []
+
+    def must_not_run(*a, **k):
+        calls.append(a)
+        raise AssertionError("the evaluation started although its folder is refused")
+
+    for name in ("load_model", "predict_split", "predict_image"):
+        monkeypatch.setattr(f"pipeline.infer.{name}", must_not_run)
+    capsys.readouterr()
+    assert ev.main(common + ["--scales", "1.0,0.75", "--no-flip"]) == 2
+    err = capsys.readouterr().err
+    assert "holds outputs made with a different configuration" in err and "infer.scales" in err and "--overwrite" in err
+    assert not calls and (tmp_path / "e" / "per_class.csv").read_bytes() == before
+    # the same settings again are not refused (the manifest records what the evaluation ran with)
+    monkeypatch.undo()
+    assert ev.main(common + ["--scales", "1.0", "--no-flip"]) == 0
+
+
 def test_checkpoint_for_other_classes_is_refused(trained, tmp_path):
     d, run = trained
     ck = ckpt_io.load(run)
