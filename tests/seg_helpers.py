@@ -92,3 +92,14 @@ def injected_crop_cams(dataset, ids, aug, seed, batch, swap: float = 0.0
         cams = synthetic.swap_cooccurring(cams, [(gt == c + 1).any() for c in lab], rng, swap)
         out.append((torch.from_numpy(cams), gt, rng))
     return out
+
+
+def injected_attention(gt: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """Crop ground truth (H, W) -> an attention map (1+n, 1+n) over its 16-pixel patches (sampled at
+    their centres) that carries what real CLIP attention carries and random weights do not: patches of
+    the same ground-truth region attend to each other more (e^4 vs e^0 before noise), with log-normal
+    noise; rows sum to 1, CLS first."""
+    y = gt[synthetic.PATCH // 2::synthetic.PATCH, synthetic.PATCH // 2::synthetic.PATCH].reshape(-1)
+    y = np.concatenate([[254], y])
+    logits = 4 * (y[:, None] == y[None]).astype(np.float32) + rng.normal(0, 0.5, (len(y), len(y))).astype(np.float32)
+    return torch.from_numpy(logits).softmax(dim=-1)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt_io
-from pipeline import labelio, metrics, synthetic
+from pipeline import labelio, metrics
 from pipeline.classes import IGNORE_INDEX
 from pipeline.datasets import build_dataset
 from pipeline.online import InitialCAMs, build_label_maker, pad_maps
 from pipeline.randomclip import TINY, random_clip
 from pipeline.train import aug_config, load_config, train
-from seg_helpers import injected_crop_cams, make_data, overrides
+from seg_helpers import injected_attention, injected_crop_cams, make_data, overrides
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,16 +108,6 @@ def test_online_mode_refuses_datasets_whose_labels_live_in_masks(data, tmp_path)
 
 
 # ----------------------------------------------------------------------------- proof of learning
-def injected_attention(gt: np.ndarray, patch: int, rng: np.random.Generator) -> torch.Tensor:
-    """An attention map (1+n, 1+n) that carries what real CLIP attention carries and random weights do
-    not: patches of the same ground-truth region attend to each other more (e^4 vs e^0 before noise),
-    with log-normal noise; rows sum to 1, CLS first."""
-    y = gt[patch // 2::patch, patch // 2::patch].reshape(-1)
-    y = np.concatenate([[254], y])
-    logits = 4 * (y[:, None] == y[None]).astype(np.float32) + rng.normal(0, 0.5, (len(y), len(y))).astype(np.float32)
-    return torch.from_numpy(logits).softmax(dim=-1)
-
-
 class InjectedCAMs:
     """CAMs made the way real ones go wrong (``synthetic.noisy_cam``: shifted, blurred, spurious blobs,
     noise, at patch resolution; two co-occurring classes traded with probability ``swap``) from each
@@ -135,7 +125,7 @@ class InjectedCAMs:
         for cams, gt, rng in injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch, self.swap):
             maps.append(cams)
             for k in attn:
-                attn[k].append(injected_attention(gt, synthetic.PATCH, rng))
+                attn[k].append(injected_attention(gt, rng))
             gts.append(gt)
         self.gt.append(np.stack(gts))
         for k in self.blocks:
