@@ -103,3 +103,33 @@ def injected_attention(gt: np.ndarray, rng: np.random.Generator) -> torch.Tensor
     y = np.concatenate([[254], y])
     logits = 4 * (y[:, None] == y[None]).astype(np.float32) + rng.normal(0, 0.5, (len(y), len(y))).astype(np.float32)
     return torch.from_numpy(logits).softmax(dim=-1)
+
+
+def torchrun_train(config: str, out: Path, sets: list[str], *args: str, timeout: int = 300) -> str:
+    """``stages.train`` under torchrun with two gloo processes on CPU (one thread each) -> its stdout;
+    fails the test with the end of stderr when the run fails."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "stages.train", "--config", config, "--out", str(out), "--no-progress", "--no-tensorboard",
+           *args] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
+    """Two state dicts hold the same tensors up to ``atol``. Attention key biases are left out: they get
+    zero gradient in exact arithmetic (a softmax ignores a constant per query), so Adam turns float
+    noise there into steps of about the learning rate; queries and values are compared."""
+    assert a.keys() == b.keys()
+    for k, w in a.items():
+        w, v = w.float(), b[k].float()
+        if k.endswith("attn.in_proj_bias"):
+            third = len(w) // 3
+            w, v = torch.cat([w[:third], w[2 * third:]]), torch.cat([v[:third], v[2 * third:]])
+        torch.testing.assert_close(w, v, rtol=0, atol=atol, msg=k)

@@ -16,7 +16,8 @@ from pipeline.datasets import build_dataset
 from pipeline.online import InitialCAMs, build_label_maker, pad_maps
 from pipeline.randomclip import TINY, random_clip
 from pipeline.train import aug_config, load_config, train
-from seg_helpers import injected_attention, injected_crop_cams, make_data, overrides
+from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, make_data, overrides,
+                          torchrun_train)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,27 +213,34 @@ MARGIN_LABELS = 0.03    # measured +0.054 to +0.069 over three scene seeds
 MARGIN_DECODER = 0.05   # measured +0.113 to +0.153 over three scene seeds
 
 
-def test_online_ddp_two_cpu_processes_with_gloo(data, tmp_path):
-    import os
-    import subprocess
-    import sys
-
+@pytest.mark.slow
+def test_online_ddp_two_processes_equal_one_process_at_the_global_batch(data, tmp_path):
+    """Every step of WeCLIP's label making is per crop (no batch statistics) and the losses pool their
+    counts over the processes, so 2 gloo processes at batch 1 train as one process at batch 2 over the
+    same crops, once dropout (drawn per process) is off: exactly so without RFM (``online.refine:
+    none``). RFM's box masks threshold the CAMs, so the float rounding of the batched GradCAM (about
+    1e-6, it depends on the batch's composition) can move a box when a CAM value sits on the threshold:
+    measured here, one crop of the third global batch changed 592 of its 2304 pixels. The full method
+    is run under DDP across the switch too, and must train and keep both ranks' RNG states."""
     from pipeline.randomclip import save_clip
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    clip = tmp_path / "tiny.pt"
-    save_clip(random_clip(TINY, seed=3), clip)
-    sets = overrides(data, **{"model.clip": clip, "data.crop": 48, "train.batch_size": 1, "schedule.iters": 2,
-                              "online.switch_iter": 1, "train.log_every": 1})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "stages.train", "--config", CONFIG, "--out", str(tmp_path / "ddp"),
-           "--no-progress", "--no-tensorboard"] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ck = ckpt_io.load(tmp_path / "ddp")
-    assert ck["iteration"] == 2 and len(ck["rng"]) == 2
-    assert len(rows(tmp_path / "ddp")) == 2
+    clip = save_clip(random_clip(TINY, seed=3), tmp_path / "tiny.pt")
+    sets = lambda batch, **kw: overrides(data, **{"model.clip": clip, "data.crop": 48, "train.batch_size": batch,  # noqa: E731
+                                                  "online.switch_iter": 1, "train.log_every": 1, "model.dropout": 0,
+                                                  "data.pseudo": None, **kw})
+    torchrun_train(CONFIG, tmp_path / "full", sets(1, **{"schedule.iters": 2}))
+    ck = ckpt_io.load(tmp_path / "full")
+    assert ck["iteration"] == 2 and len(ck["rng"]) == 2 and len(rows(tmp_path / "full")) == 2
+    plain = {"schedule.iters": 4, "online.refine": "none"}
+    torchrun_train(CONFIG, tmp_path / "ddp", sets(1, **plain))
+    train(load_config(CONFIG, sets(2, **plain)), tmp_path / "one", progress=False, tensorboard=False,
+          log=lambda *_: None)
+    a, b = ckpt_io.load(tmp_path / "ddp"), ckpt_io.load(tmp_path / "one")
+    x, y = rows(tmp_path / "ddp"), rows(tmp_path / "one")
+    assert [r[0] for r in x] == ["1", "2", "3", "4"] and any(float(r[3]) > 0 for r in x)
+    for p, q in zip(x, y, strict=True):                      # logged losses: the global batch's
+        assert [float(v) for v in p[1:4]] == pytest.approx([float(v) for v in q[1:4]], rel=1e-5, abs=2e-6), (p, q)
+    assert_same_weights(a["model"], b["model"])
 
 
 def test_folder_dataset_image_level_labels_from_csv(tmp_path):

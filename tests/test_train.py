@@ -1,8 +1,5 @@
 """Training loop: exact resume, data stream, config, input validation before training, DDP on CPU."""
 import csv
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,9 +10,7 @@ from pipeline import checkpoint as ckpt_io
 from pipeline.randomclip import TINY, random_clip
 from pipeline.segdata import AugConfig, ResumableBatchSampler, augment
 from pipeline.train import ConfigError, load_config, train
-from seg_helpers import make_data, overrides
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from seg_helpers import make_data, overrides, torchrun_train
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +155,7 @@ def test_ddp_two_cpu_processes_with_gloo(data, tmp_path):
     sets = overrides(data, **{"model.name": "weclip", "model.clip": clip, "data.crop": 48, "train.batch_size": 2,
                               "schedule.iters": 6, "train.ckpt_every": 3, "train.log_every": 1,
                               "train.val_every": 3})  # validation on rank 0 while rank 1 waits
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "stages.train", "--config", "configs/weclip_voc.yaml", "--out", str(tmp_path / "ddp"),
-           "--no-progress", "--no-tensorboard"] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun_train("configs/weclip_voc.yaml", tmp_path / "ddp", sets, timeout=120)
     ck = ckpt_io.load(tmp_path / "ddp")
     assert ck["iteration"] == 6 and len(ck["rng"]) == 2  # both ranks' RNG states, for an exact resume
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])
