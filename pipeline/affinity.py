@@ -32,27 +32,29 @@ def transition_matrix(w: torch.Tensor, rounds: int = 3, power: int = 2) -> torch
     return out
 
 
-def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
+def box_mask(cam: np.ndarray, threshold: float, exact: bool = True) -> np.ndarray:
     """Box mask (h, w) float32 in {0, 1} from one CAM (h, w) at patch resolution (CLIP-ES's scoremap2bbox).
 
     u = uint8(255 * cam) (truncation), binary where u > int(threshold * max u), one box per contour
-    (RETR_TREE, nested ones too), box end clipped to size - 1 and filled half-open, so the last
-    row and column are never inside; no contour gives an empty mask.
+    (RETR_TREE, nested ones too); no contour gives an empty mask. ``exact``: as the reference, the box
+    end is clipped to size - 1 and filled half-open, so the last row and column are never inside (a
+    bug that weighs more the smaller the grid); False: each box covers its contour's whole extent.
     """
     h, w = cam.shape
+    end_h, end_w = (h - 1, w - 1) if exact else (h, w)
     u = (cam * 255).astype(np.uint8)
     _, binary = cv2.threshold(u, int(threshold * u.max()), 255, cv2.THRESH_BINARY)
     contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
     mask = np.zeros((h, w), np.float32)
     for contour in contours:
         x, y, bw, bh = cv2.boundingRect(contour)
-        mask[y:min(y + bh, h - 1), x:min(x + bw, w - 1)] = 1
+        mask[y:min(y + bh, end_h), x:min(x + bw, end_w)] = 1
     return mask
 
 
-def box_masks(cams: np.ndarray, threshold: float) -> np.ndarray:
-    """(K, h, w) CAMs -> (K, h, w) box masks."""
-    return np.stack([box_mask(c, threshold) for c in cams]) if len(cams) else np.zeros_like(cams)
+def box_masks(cams: np.ndarray, threshold: float, exact: bool = True) -> np.ndarray:
+    """(K, h, w) CAMs -> (K, h, w) box masks (``box_mask``)."""
+    return np.stack([box_mask(c, threshold, exact) for c in cams]) if len(cams) else np.zeros_like(cams)
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

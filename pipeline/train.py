@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     # online pseudo labels (pipeline/online): method null = labels from data.pseudo / ground truth;
     # null settings take the method's own defaults (pipeline/online/<method>.py)
     "online": {"method": None, "refine": None, "layer_filter": None, "static_layers": None, "filter_layers": None,
-               "switch_iter": None, "box_threshold": None, "par_iterations": None,
+               "switch_iter": None, "box_threshold": None, "exact_boxes": None, "par_iterations": None,
                # ExCEL only: diversity-loss targets from the segmentation, text enrichment
                "segmentation_targets_from": None, "tse": True, "descriptions": None, "attribute_bank": None},
     "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
                    help="replace outputs in --out made with another configuration or checkpoint, recomputing everything")
     p.add_argument("--fixed", action="store_true",
                    help="fix CLIP-ES's reference-code quirks instead of reproducing them: no fp16 host GradCAM "
-                        "arithmetic, no double block 12 for 76-patch images, RGB conversion before resizing")
+                        "arithmetic, no double block 12 for 76-patch images, RGB conversion before resizing, "
+                        "box masks that may include the grid's last row and column")
     p.add_argument("--max-patches", type=int, default=CamsConfig.max_patches,
                    help="larger images are scaled down for the model to at most this many 16x16 patches")
     p.add_argument("--exif-transpose", action="store_true", help="apply EXIF orientation (off: VOC/COCO masks use stored pixels)")

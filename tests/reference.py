@@ -140,8 +140,11 @@ def _scale(img: np.ndarray) -> np.ndarray:
     return img / (1e-7 + np.max(img))
 
 
-def scoremap2bbox(scoremap: np.ndarray, threshold: float):
+def scoremap2bbox(scoremap: np.ndarray, threshold: float, clip_boxes: bool = True):
+    """``clip_boxes`` False: the reference without its size - 1 clipping of the box end."""
     height, width = scoremap.shape
+    if not clip_boxes:
+        height, width = height + 1, width + 1
     u = np.expand_dims((scoremap * 255).astype(np.uint8), 2)
     _, thr = cv2.threshold(u, int(threshold * np.max(u)), 255, cv2.THRESH_BINARY)
     contours = cv2.findContours(thr, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
@@ -155,8 +158,9 @@ def scoremap2bbox(scoremap: np.ndarray, threshold: float):
 
 
 def reference_cams(model: ReferenceCLIP, image: torch.Tensor, labels: list[int], text: torch.Tensor,
-                   num_classes: int, threshold: float):
-    """image (1, 3, H', W'); text (C + M, E). Returns (refined, init), each (K, h, w) float32."""
+                   num_classes: int, threshold: float, clip_boxes: bool = True):
+    """image (1, 3, H', W'); text (C + M, E). Returns (refined, init), each (K, h, w) float32.
+    ``clip_boxes`` False: boxes without the reference's clipping (``scoremap2bbox``)."""
     h, w = image.shape[-2] // model.patch, image.shape[-1] // model.patch
     feats, attns = model.encode_image(image)
     rows = torch.cat([text[labels], text[num_classes:]])
@@ -183,7 +187,7 @@ def reference_cams(model: ReferenceCLIP, image: torch.Tensor, labels: list[int],
             init.append(cam)
 
             attn_all = torch.stack(attns + [attn_last.detach()])[-8:].mean(dim=0)[0, 1:, 1:]
-            box, cnt = scoremap2bbox(cam, threshold)
+            box, cnt = scoremap2bbox(cam, threshold, clip_boxes)
             mask = torch.zeros(h, w)
             for x0, y0, x1, y1 in box[:cnt]:
                 mask[y0:y1, x0:x1] = 1

@@ -38,14 +38,14 @@ def test_matches_reference_per_class_loop(tiny, size, labels):
     assert got.cams.dtype == np.float32 and got.init.max() < 1.0
 
 
-def test_fixed_mode_runs_block12_once_for_76_patches(tiny):
+def test_fixed_mode_runs_block12_once_for_76_patches_and_draws_whole_boxes(tiny):
     model, ref, voc, _, ref_text = tiny
     x = torch.randn(1, 3, 64, 304)
     fixed = CAMEngine(model, voc, CAMConfig(exact=False))(x, [[7]])[0]
     exact = CAMEngine(model, voc, CAMConfig(exact=True))(x, [[7]])[0]
-    ref.full_depth_tokens = -1  # the reference without its bug
+    ref.full_depth_tokens = -1  # the reference without its bugs (block 12 twice, clipped boxes)
     try:
-        want, _ = reference_cams(ref, x, [7], ref_text, voc.num_classes, voc.box_threshold)
+        want, _ = reference_cams(ref, x, [7], ref_text, voc.num_classes, voc.box_threshold, clip_boxes=False)
     finally:
         ref.full_depth_tokens = 77
     np.testing.assert_allclose(fixed.cams, want, atol=1e-4, rtol=0)
@@ -164,6 +164,9 @@ def test_box_mask_rules():
     edge[2:, 2:] = 0.99
     em = box_mask(edge, 0.4)
     assert em[2, 2] == 1 and em[3].sum() == 0 and em[:, 3].sum() == 0
+    whole = box_mask(edge, 0.4, exact=False)                  # the fix: the box reaches the grid's edge
+    assert whole[2:, 2:].all() and whole.sum() == 4
+    np.testing.assert_array_equal(box_mask(cam, 0.4, exact=False), m)   # boxes inside the grid are unchanged
     assert box_mask(np.zeros((4, 4), np.float32), 0.4).sum() == 0
     # nested contours (RETR_TREE): a ring's hole yields its own box, as in the reference
     ring = np.zeros((9, 9), np.float32)

@@ -9,7 +9,7 @@ from pipeline.affinity import decoder_affinity, layer_filter, refine, refine_bat
 from pipeline.classes import builtin
 from pipeline.losses import affinity_labels, affinity_loss, segmentation_loss
 from pipeline.models import build_model
-from pipeline.online import OnlineBatch, build_label_maker, pad_maps
+from pipeline.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
 from pipeline.online.weclip import WeCLIPConfig, online_labels, rfm_attention
 from pipeline.randomclip import TINY, random_clip
 
@@ -68,6 +68,24 @@ def test_rfm_switch_and_ablations():
     assert torch.allclose(rfm_attention(attn, aff, a_f, 100), aff) and torch.allclose(rfm_attention(attn, aff, a_f, 0), static)
     with pytest.raises(ValueError, match="online.refine"):
         WeCLIPConfig(refine="fancy")
+
+
+def test_rfm_box_masks_reach_the_grids_last_row_and_column_only_when_asked():
+    """A CAM firing only on the bottom-right patch: the reference's box never includes the last row and
+    column, so RFM refines it to nothing; ``online.exact_boxes: false`` keeps it."""
+    from types import SimpleNamespace
+
+    from pipeline.online.weclip import WeCLIPLabels
+
+    eye = torch.eye(10)[None]                                        # CLS + 3 x 3 patches, attending to themselves
+    inter = SimpleNamespace(attentions={i: eye for i in range(4, 11)})
+    cams = torch.zeros(1, 1, 3, 3)
+    cams[0, 0, 2, 2] = 1.0
+    initial = InitialCAMs(cams, torch.tensor([[True]]), torch.tensor([[5]]), eye)
+    for exact, want in ((True, 0.0), (False, 1.0)):
+        maker = WeCLIPLabels(WeCLIPConfig.from_dict({"exact_boxes": exact}, 0.4), None, 12)
+        out = maker.refine(initial, {"intermediates": inter, "affinity": None}, 0)
+        assert out[0, 0, 2, 2].item() == pytest.approx(want) and out.sum().item() == pytest.approx(want)
 
 
 def test_online_labels_background_classes_and_unused_slots():

@@ -239,7 +239,7 @@ class ExcelEngine:
         for b, lab in enumerate(labels):
             init = cams[b, list(lab)]
             init_np = init.cpu().numpy()
-            masks = torch.from_numpy(box_masks(init_np, self.config.box_threshold)).to(trans.device)
+            masks = torch.from_numpy(box_masks(init_np, self.config.box_threshold, self.config.exact)).to(trans.device)
             results.append(CAMResult(cams=refine(trans[b], init, masks).cpu().numpy(), init=init_np))
         return results
 

@@ -26,7 +26,8 @@ class CAMConfig:
     """Settings of GradCAM, CAA and prompts; the defaults are CLIP-ES's.
 
     exact: reproduce quirks of CLIP-ES's code: fp16 host arithmetic of GradCAM when
-        the model runs in fp16, and block 12 run twice for an image of exactly 76 patches.
+        the model runs in fp16, block 12 run twice for an image of exactly 76 patches, and box masks
+        that never include the grid's last row and column (``affinity.box_mask``).
     Ablations (CLIP-ES Tables 2, 6, 8): ``softmax`` False differentiates the raw logit instead of the
     post-softmax score; ``softmax_set`` 'present' is the image's labels + background set, 'all' every
     foreground class (+ background set); ``background`` False drops the background set;
@@ -234,7 +235,7 @@ class CAMEngine:
             elif cfg.affinity == "mhsa":
                 cams = refine(trans[b], init, torch.ones_like(init))
             else:
-                masks = torch.from_numpy(box_masks(init_np, cfg.box_threshold)).to(trans.device)
+                masks = torch.from_numpy(box_masks(init_np, cfg.box_threshold, cfg.exact)).to(trans.device)
                 cams = refine(trans[b], init, masks)
             results.append(CAMResult(cams=cams.cpu().numpy(), init=init_np))
         return results

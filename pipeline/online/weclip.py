@@ -33,7 +33,8 @@ class WeCLIPConfig:
     """switch_iter: first (0-based) training iteration of the second phase. The reference switches
     when a forward counter passes 15000 (VOC) / 40000 (COCO), but that counter also counts its
     validation forwards (1464 VOC images every 2000 iterations), so on VOC it switches at training
-    iteration 9145; the paper's value is the nominal 15000."""
+    iteration 9145; the paper's value is the nominal 15000. exact_boxes: RFM's box masks as the
+    reference draws them, never including the grid's last row and column (False: whole boxes)."""
 
     refine: str = "both"
     layer_filter: bool = True
@@ -41,6 +42,7 @@ class WeCLIPConfig:
     filter_layers: int = 6
     switch_iter: int = 9145
     box_threshold: float = 0.4
+    exact_boxes: bool = True
     sinkhorn_rounds: int = 3
     power: int = 2
     par_iterations: int = 20
@@ -112,7 +114,7 @@ class WeCLIPLabels(LabelMaker):
         w = rfm_attention(attn, outputs["affinity"], self.cfg, iteration)
         trans = transition_matrix(w, self.cfg.sinkhorn_rounds, self.cfg.power)
         init = initial.cams.float()
-        masks = torch.from_numpy(box_masks(init.flatten(0, 1).cpu().numpy(), self.cfg.box_threshold))
+        masks = torch.from_numpy(box_masks(init.flatten(0, 1).cpu().numpy(), self.cfg.box_threshold, self.cfg.exact_boxes))
         return refine_batch(trans, init, masks.to(init.device).view_as(init))
 
     @torch.no_grad()
