@@ -1,10 +1,10 @@
 """CAA, class-aware attention-based affinity (CLIP-ES's generate_cams_voc12.py, utils.py): attention ->
-Sinkhorn -> symmetric square transition matrix; box masks from CAMs; column-masked refinement."""
+Sinkhorn -> symmetric square transition matrix; box masks from CAMs; column-masked refinement.
+Everything works on batched tensors on their own device."""
 from __future__ import annotations
 
-import cv2
-import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def mean_attention(attentions: list[torch.Tensor], last: int = 8) -> torch.Tensor:
@@ -32,29 +32,55 @@ def transition_matrix(w: torch.Tensor, rounds: int = 3, power: int = 2) -> torch
     return out
 
 
-def box_mask(cam: np.ndarray, threshold: float, exact: bool = True) -> np.ndarray:
-    """Box mask (h, w) float32 in {0, 1} from one CAM (h, w) at patch resolution (CLIP-ES's scoremap2bbox).
+def _components(binary: torch.Tensor) -> torch.Tensor:
+    """binary (M, h, w) bool -> int64 (M, h, w): each 8-connected component of True pixels labelled with
+    the largest of its 1-based flat indices, 0 elsewhere (max-propagation over 3 x 3 neighbourhoods)."""
+    M, h, w = binary.shape
+    ids = torch.arange(1, h * w + 1, device=binary.device, dtype=torch.float32).view(1, h, w)
+    lab = torch.where(binary, ids, torch.zeros((), device=binary.device))
+    keep = binary.float()
+    while True:
+        for _ in range(4):                       # a few steps per convergence check: each check syncs
+            nxt = F.max_pool2d(lab[:, None], 3, 1, 1)[:, 0] * keep
+            lab, prev = nxt, lab
+        if torch.equal(lab, prev):
+            return lab.long()
 
-    u = uint8(255 * cam) (truncation), binary where u > int(threshold * max u), one box per contour
-    (RETR_TREE, nested ones too); no contour gives an empty mask. ``exact``: as the reference, the box
-    end is clipped to size - 1 and filled half-open, so the last row and column are never inside (a
-    bug that weighs more the smaller the grid); False: each box covers its contour's whole extent.
+
+def box_masks(cams: torch.Tensor, threshold: float, exact: bool = True) -> torch.Tensor:
+    """CAMs (..., h, w) in [0, 1] at patch resolution -> box masks float32 (..., h, w) in {0, 1}, batched on
+    the CAMs' device (CLIP-ES's scoremap2bbox, one map at a time on the host in the reference).
+
+    Per map: u = uint8(255 * cam) (truncation), binary where u > int(threshold * max u), one box per
+    OpenCV contour: the bounding boxes of the 8-connected components (the boxes of nested contours lie
+    inside their component's, so the union is the same); no component gives an empty mask. ``exact``: as
+    the reference, a box's end is clipped to size - 1 and filled half-open, so the last row and column
+    are never inside (a bug that weighs more the smaller the grid); False: whole boxes.
     """
-    h, w = cam.shape
-    end_h, end_w = (h - 1, w - 1) if exact else (h, w)
-    u = (cam * 255).astype(np.uint8)
-    _, binary = cv2.threshold(u, int(threshold * u.max()), 255, cv2.THRESH_BINARY)
-    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
-    mask = np.zeros((h, w), np.float32)
-    for contour in contours:
-        x, y, bw, bh = cv2.boundingRect(contour)
-        mask[y:min(y + bh, end_h), x:min(x + bw, end_w)] = 1
-    return mask
-
-
-def box_masks(cams: np.ndarray, threshold: float, exact: bool = True) -> np.ndarray:
-    """(K, h, w) CAMs -> (K, h, w) box masks (``box_mask``)."""
-    return np.stack([box_mask(c, threshold, exact) for c in cams]) if len(cams) else np.zeros_like(cams)
+    shape, (h, w), dev = cams.shape, cams.shape[-2:], cams.device
+    x = cams.reshape(-1, h, w)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    u = (x * 255).to(torch.uint8).long()
+    limit = (u.flatten(1).amax(dim=1).double() * threshold).floor().long()          # int(threshold * max u)
+    lab = _components(u > limit[:, None, None]).flatten(1)                           # (M, n)
+    M, n = lab.shape
+    rows = torch.arange(h, device=dev).repeat_interleave(w).expand(M, n)
+    cols = torch.arange(w, device=dev).repeat(h).expand(M, n)
+    y0 = torch.full((M, n + 1), h, device=dev).scatter_reduce(1, lab, rows, "amin")
+    x0 = torch.full((M, n + 1), w, device=dev).scatter_reduce(1, lab, cols, "amin")
+    y1 = torch.zeros((M, n + 1), dtype=torch.long, device=dev).scatter_reduce(1, lab, rows + 1, "amax")
+    x1 = torch.zeros((M, n + 1), dtype=torch.long, device=dev).scatter_reduce(1, lab, cols + 1, "amax")
+    y0, x0, y1, x1 = y0[:, 1:], x0[:, 1:], y1[:, 1:], x1[:, 1:]                        # slot 0: no component
+    if exact:
+        y1, x1 = y1.clamp(max=h - 1), x1.clamp(max=w - 1)
+    box = ((y1 > y0) & (x1 > x0)).float()                                            # unused slots: y0 = h > y1
+    # each box adds 1 inside itself through a 2-D difference table and its cumulative sums
+    diff = torch.zeros((M, (h + 1) * (w + 1)), device=dev)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        at = ys.clamp(max=h) * (w + 1) + xs.clamp(max=w)
+        diff.scatter_add_(1, at, sign * box)
+    cover = diff.view(M, h + 1, w + 1).cumsum(1).cumsum(2)[:, :h, :w]
+    return (cover > 0.5).float().reshape(shape)
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

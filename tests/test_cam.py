@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import affinity
-from pipeline.affinity import box_mask, sinkhorn, transition_matrix
+from pipeline.affinity import sinkhorn, transition_matrix
 from pipeline.cams.gradcam import CAMConfig, CAMEngine, class_scores, gradcam
 from pipeline.classes import builtin
 from pipeline.clip import load_clip, read_state_dict
@@ -150,6 +150,20 @@ def test_sinkhorn_column_first_three_rounds():
     assert torch.allclose(transition_matrix(w), s @ s)
 
 
+def box_mask(cam: np.ndarray, threshold: float, exact: bool = True) -> np.ndarray:
+    """One (h, w) map through the batched tensor function."""
+    return affinity.box_masks(torch.from_numpy(cam)[None], threshold, exact)[0].numpy()
+
+
+def reference_box_mask(cam: np.ndarray, threshold: float, clip_boxes: bool = True) -> np.ndarray:
+    """The reference's boxes (``reference.scoremap2bbox``) filled as its generate_cams script fills them."""
+    mask = np.zeros(cam.shape, np.float32)
+    boxes, n = scoremap2bbox(cam, threshold, clip_boxes)
+    for x0, y0, x1, y1 in boxes[:n]:
+        mask[y0:y1, x0:x1] = 1
+    return mask
+
+
 def test_box_mask_rules():
     cam = np.zeros((6, 8), np.float32)
     cam[1:3, 2:5] = 0.9999999  # double min-max keeps the max below 1: uint8 max 254
@@ -172,12 +186,39 @@ def test_box_mask_rules():
     ring = np.zeros((9, 9), np.float32)
     ring[1:8, 1:8] = 0.9
     ring[3:6, 3:6] = 0.0
-    ref_boxes, n = scoremap2bbox(ring, 0.4)
-    assert n == 2
-    ref_mask = np.zeros((9, 9), np.float32)
-    for x0, y0, x1, y1 in ref_boxes:
-        ref_mask[y0:y1, x0:x1] = 1
-    np.testing.assert_array_equal(box_mask(ring, 0.4), ref_mask)
+    assert scoremap2bbox(ring, 0.4)[1] == 2
+    np.testing.assert_array_equal(box_mask(ring, 0.4), reference_box_mask(ring, 0.4))
+    # diagonal neighbours are one component (OpenCV's contours are 8-connected): one box, not two
+    diag = np.zeros((5, 5), np.float32)
+    diag[1, 1] = diag[2, 2] = 0.9
+    assert scoremap2bbox(diag, 0.4)[1] == 1
+    np.testing.assert_array_equal(box_mask(diag, 0.4), reference_box_mask(diag, 0.4))
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_batched_box_masks_equal_the_references_opencv_boxes(exact):
+    """Many maps at once, on smooth blobs, noisy maps (many small components, nested ones, snakes) and
+    flat ones, at three thresholds and several grid shapes, against the reference's per-map OpenCV rule."""
+    rng = np.random.default_rng(0)
+    for h, w in ((20, 20), (7, 13), (1, 6), (24, 32)):
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        maps = []
+        for _ in range(24):
+            blobs = sum(rng.uniform(0.2, 1) * np.exp(-((yy - rng.uniform(0, h)) ** 2 + (xx - rng.uniform(0, w)) ** 2)
+                                                     / (2 * rng.uniform(0.5, 4) ** 2)) for _ in range(rng.integers(1, 5)))
+            maps.append(blobs + rng.uniform(0, 0.6) * rng.random((h, w)))
+        maps.append(rng.random((h, w)))                          # pure noise: many components
+        maps.append(np.zeros((h, w)))                            # nothing fires: empty mask
+        maps.append(np.full((h, w), 0.5))                        # flat: nothing above int(t * max)
+        maps = np.stack([(m - m.min()) / (1e-7 + (m - m.min()).max()) for m in maps]).astype(np.float32)
+        for t in (0.4, 0.79, 0.88):
+            got = affinity.box_masks(torch.from_numpy(maps).view(3, -1, h, w), t, exact)
+            assert got.shape == (3, len(maps) // 3, h, w) and got.dtype == torch.float32
+            want = np.stack([reference_box_mask(m, t, clip_boxes=exact) for m in maps])
+            np.testing.assert_array_equal(got.reshape(-1, h, w).numpy(), want, err_msg=f"{h}x{w} t={t}")
+            f64 = affinity.box_masks(torch.from_numpy(maps.astype(np.float64)), t, exact)
+            np.testing.assert_array_equal(f64.numpy(), np.stack([reference_box_mask(m.astype(np.float64), t, exact)
+                                                                 for m in maps]))
 
 
 def test_refine_masks_columns_only():

@@ -238,9 +238,8 @@ class ExcelEngine:
         results = []
         for b, lab in enumerate(labels):
             init = cams[b, list(lab)]
-            init_np = init.cpu().numpy()
-            masks = torch.from_numpy(box_masks(init_np, self.config.box_threshold, self.config.exact)).to(trans.device)
-            results.append(CAMResult(cams=refine(trans[b], init, masks).cpu().numpy(), init=init_np))
+            masks = box_masks(init, self.config.box_threshold, self.config.exact)
+            results.append(CAMResult(cams=refine(trans[b], init, masks).cpu().numpy(), init=init.cpu().numpy()))
         return results
 
 

@@ -27,7 +27,7 @@ class CAMConfig:
 
     exact: reproduce quirks of CLIP-ES's code: fp16 host arithmetic of GradCAM when
         the model runs in fp16, block 12 run twice for an image of exactly 76 patches, and box masks
-        that never include the grid's last row and column (``affinity.box_mask``).
+        that never include the grid's last row and column (``affinity.box_masks``).
     Ablations (CLIP-ES Tables 2, 6, 8): ``softmax`` False differentiates the raw logit instead of the
     post-softmax score; ``softmax_set`` 'present' is the image's labels + background set, 'all' every
     foreground class (+ background set); ``background`` False drops the background set;
@@ -229,13 +229,12 @@ class CAMEngine:
         trans = transition_matrix(attn, cfg.sinkhorn_rounds, cfg.power) if cfg.affinity == "caa" else attn
         results = []
         for b, init in enumerate(inits):
-            init_np = init.cpu().numpy()
             if cfg.affinity == "none":
                 cams = init
             elif cfg.affinity == "mhsa":
                 cams = refine(trans[b], init, torch.ones_like(init))
             else:
-                masks = torch.from_numpy(box_masks(init_np, cfg.box_threshold, cfg.exact)).to(trans.device)
+                masks = box_masks(init, cfg.box_threshold, cfg.exact)
                 cams = refine(trans[b], init, masks)
-            results.append(CAMResult(cams=cams.cpu().numpy(), init=init_np))
+            results.append(CAMResult(cams=cams.cpu().numpy(), init=init.cpu().numpy()))
         return results

@@ -114,8 +114,7 @@ class WeCLIPLabels(LabelMaker):
         w = rfm_attention(attn, outputs["affinity"], self.cfg, iteration)
         trans = transition_matrix(w, self.cfg.sinkhorn_rounds, self.cfg.power)
         init = initial.cams.float()
-        masks = torch.from_numpy(box_masks(init.flatten(0, 1).cpu().numpy(), self.cfg.box_threshold, self.cfg.exact_boxes))
-        return refine_batch(trans, init, masks.to(init.device).view_as(init))
+        return refine_batch(trans, init, box_masks(init, self.cfg.box_threshold, self.cfg.exact_boxes))
 
     @torch.no_grad()
     def __call__(self, batch: OnlineBatch, outputs: Mapping[str, Any], iteration: int) -> OnlineLabels:
