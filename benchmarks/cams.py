@@ -135,7 +135,8 @@ def gpu_bench(args, ckpt: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cams", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workers", type=int, default=0, help="decoding processes of the stage (2 cores here: 0)")
