@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -255,14 +255,15 @@ def checkpoint_infer_config(meta: dict[str, Any], overrides: dict[str, Any] | In
     return cfg if device is None else cfg.resolved(infer_device(device))
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", clip: str | Path | None = None,
-               log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
-    """(eval-mode model on ``device``, checkpoint meta) from a checkpoint file or run folder.
+def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.device = "cpu",
+               clip: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+    """(eval-mode model on ``device``, checkpoint meta) from a checkpoint file or run folder, or a
+    checkpoint already read with ``checkpoint.load``.
 
     ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine)."""
     from .models import build_model
 
-    ck = ckpt_io.load(checkpoint)
+    ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
     meta = ck["meta"]
     model_cfg = dict(meta["model"])
     if clip:
@@ -329,11 +330,12 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
             "images_per_s": round(len(ids) / seconds, 3) if seconds > 0 else None, "conf": conf, "errors": errors}
 
 
-def evaluate_model(checkpoint: str | Path, dataset, ids: Sequence[str], *, out_dir: str | Path | None = None,
-                   infer: dict[str, Any] | InferConfig | None = None, device: str | None = None,
-                   clip: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """``make eval WHAT=model``: predict ``ids`` with a trained checkpoint (file or run folder) and score
-    them against the dataset's ground truth with ``metrics.confusion_matrix`` / ``mean_iou``.
+def evaluate_model(checkpoint: str | Path | Mapping[str, Any], dataset, ids: Sequence[str], *,
+                   out_dir: str | Path | None = None, infer: dict[str, Any] | InferConfig | None = None,
+                   device: str | None = None, clip: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """``make eval WHAT=model``: predict ``ids`` with a trained checkpoint (file, run folder, or one already
+    read with ``checkpoint.load``) and score them against the dataset's ground truth with
+    ``metrics.confusion_matrix`` / ``mean_iou``.
 
     ``infer``: an ``InferConfig`` or dict of its fields over the config stored in the checkpoint
     (``checkpoint_infer_config``).
@@ -344,14 +346,15 @@ def evaluate_model(checkpoint: str | Path, dataset, ids: Sequence[str], *, out_d
     from .metrics import mean_iou, pixel_accuracy
 
     dev = infer_device(device)
-    model, meta = load_model(checkpoint, dev, clip, log=lambda *_: None)
+    ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
+    model, meta = load_model(ck, dev, clip, log=lambda *_: None)
     if list(meta["class_names"]) != ["background", *dataset.classes.names]:
-        raise ckpt_io.CheckpointMismatch(f"{checkpoint}: trained for {meta['num_classes']} classes "
+        raise ckpt_io.CheckpointMismatch(f"{ck['path']}: trained for {meta['num_classes']} classes "
                                          f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has "
                                          f"{dataset.classes.num_classes + 1} ({', '.join(dataset.classes.names[:3])}, ...)")
     cfg = checkpoint_infer_config(meta, infer, dev)
     res = predict_split(model, dataset, ids, out_dir, cfg, dev, gt=True, progress=progress)
     return {"what": "model", "miou": mean_iou(res["conf"]), "accuracy": pixel_accuracy(res["conf"]),
             "conf": res["conf"], "evaluated": res["done"], "failed": res["failed"], "errors": res["errors"],
-            "checkpoint": str(ckpt_io.resolve(checkpoint)), "infer": cfg.as_dict(), "seconds": res["seconds"],
+            "checkpoint": ck["path"], "infer": cfg.as_dict(), "seconds": res["seconds"],
             "images_per_s": res["images_per_s"]}

@@ -59,11 +59,12 @@ def main(argv=None) -> int:
         out = Path(args.out) if args.out else (Path("outputs") / args.dataset / "eval"
                                                / f"model_{ckpt_io.label(ckpt_file)}_{split}{settings_suffix(args)}")
         # the settings first, so that a folder holding another evaluation is refused before any prediction
-        infer = checkpoint_infer_config(ckpt_io.load(ckpt_file)["meta"], infer_overrides(args), args.device)
+        ck = ckpt_io.load(ckpt_file)   # read once: its settings decide the folder check, its weights the model
+        infer = checkpoint_infer_config(ck["meta"], infer_overrides(args), args.device)
         config = {"stage": "evaluate_model", "checkpoint_sha256": sha256_file(ckpt_file), "infer": infer.as_dict(),
                   "root": str(Path(args.root).resolve()), "split": args.split}
         check_manifest(out, config, args.overwrite, outputs="per_class.*")
-        res = evaluate_model(ckpt_file, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
+        res = evaluate_model(ck, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
                              infer=infer, device=args.device, clip=args.clip, progress=not args.no_progress)
         rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
         summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
