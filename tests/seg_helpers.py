@@ -133,3 +133,13 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
             third = len(w) // 3
             w, v = torch.cat([w[:third], w[2 * third:]]), torch.cat([v[:third], v[2 * third:]])
         torch.testing.assert_close(w, v, rtol=0, atol=atol, msg=k)
+
+
+def log_rows(run: Path) -> list[dict[str, float | None]]:
+    """A training run's ``log.csv`` -> one dict per logged step: iteration, loss, loss_seg, loss_aff, lr as
+    floats (None where the run logs no such value, e.g. no affinity loss)."""
+    import csv
+
+    keys = ("iteration", "loss", "loss_seg", "loss_aff", "lr")
+    with open(Path(run) / "log.csv") as f:
+        return [{k: float(r[k]) if r[k] else None for k in keys} for r in csv.DictReader(f)]

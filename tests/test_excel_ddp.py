@@ -8,7 +8,6 @@ reference's batch-global statistics an image's affinity and dynamic relations de
 its own process's batch, so DDP differs from the single process."""
 from __future__ import annotations
 
-import csv
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from pipeline import checkpoint as ckpt_io
 from pipeline.losses import Pool, affinity_labels, affinity_loss, segmentation_loss
 from pipeline.randomclip import TINY, random_clip, save_clip
 from pipeline.train import load_config, train
-from seg_helpers import assert_same_weights, make_data, overrides, torchrun_train
+from seg_helpers import assert_same_weights, log_rows, make_data, overrides, torchrun_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,12 +85,6 @@ def ddp(out, sets, *args):
 
 def one_process(out, sets):
     train(load_config(CONFIG, sets), out, progress=False, tensorboard=False, log=lambda *_: None)
-
-
-def log_rows(run):
-    with open(run / "log.csv") as f:
-        keys = ("iteration", "loss", "loss_seg", "loss_aff", "lr")
-        return [{k: float(r[k]) for k in keys} for r in csv.DictReader(f)]
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ it learns from injected CAMs."""
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 
 import numpy as np
@@ -27,7 +26,7 @@ from pipeline.online import InitialCAMs, OnlineBatch, build_label_maker, pad_map
 from pipeline.online.excel import ExcelLabelConfig
 from pipeline.randomclip import TINY, VIT_B_16, random_clip
 from pipeline.train import ConfigError, aug_config, build_optimizer, load_config, train
-from seg_helpers import injected_attention, injected_crop_cams, make_data, overrides
+from seg_helpers import injected_attention, injected_crop_cams, log_rows, make_data, overrides
 from stages.predict import add_infer_args, infer_overrides
 
 # two heads per block, six blocks: one plain, five calibrated
@@ -294,10 +293,9 @@ def test_online_training_reads_no_mask_and_resumes_exactly_across_both_switches(
     assert a["model"].keys() == b["model"].keys() and not any(k.startswith("encoder.") for k in a["model"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    read = lambda run: list(csv.DictReader(open(run / "log.csv")))  # noqa: E731
-    full = read(tmp_path / "full")
-    assert [r["loss"] for r in full] == [r["loss"] for r in read(tmp_path / "split")]
-    assert len(full) == 3 and all(float(r["loss_aff"]) > 0 for r in full)
+    full = log_rows(tmp_path / "full")
+    assert [r["loss"] for r in full] == [r["loss"] for r in log_rows(tmp_path / "split")]
+    assert len(full) == 3 and all(r["loss_aff"] > 0 for r in full)
     assert a["meta"]["infer"]["crf_preset"] == "excel" and a["meta"]["config"]["online"]["method"] == "excel"
     assert not [p for p in opened if p.endswith(".png")] and any(p.endswith(".jpg") for p in opened)
 
@@ -375,7 +373,7 @@ def test_excel_learns_from_injected_static_cams_through_both_phases(tmp_path_fac
     res = train(cfg, tmp_path / "run", progress=False, tensorboard=False, clip_model=clip, label_maker=Scored(),
                 log=lambda *_: None)
     assert phases[0] == (False, False) and phases[it // 2] == (True, False) and phases[-1] == (True, True)
-    aff = [float(r["loss_aff"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv"))]
+    aff = [r["loss_aff"] for r in log_rows(tmp_path / "run")]
     w = LEARN["window"]
     early_aff, late_aff = np.mean(aff[:w]), np.mean(aff[-w:])
     labels_miou = metrics.mean_iou(first)

@@ -1,7 +1,6 @@
 """Online WeCLIP training end to end on synthetic scenes with a tiny random CLIP: image-level labels
 only (no mask is opened), exact resume across the RFM phase switch, the affinity loss as an option
 of the offline mode, and proof that online labels and the decoder learn (injected CAMs)."""
-import csv
 import shutil
 
 import numpy as np
@@ -16,8 +15,8 @@ from pipeline.datasets import build_dataset
 from pipeline.online import InitialCAMs, build_label_maker, pad_maps
 from pipeline.randomclip import TINY, random_clip
 from pipeline.train import aug_config, load_config, train
-from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, make_data, overrides,
-                          torchrun_train)
+from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, log_rows, make_data,
+                          overrides, torchrun_train)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,11 +33,6 @@ def tiny_cfg(d, **extra):
     sets = {"data.crop": 48, "data.scale_range": "[0.8,1.2]", "train.batch_size": 2, "schedule.iters": 3,
             "schedule.warmup_iters": 2, "train.log_every": 1, "online.switch_iter": 2, **extra}
     return load_config(CONFIG, overrides(d, **sets))
-
-
-def rows(run):
-    with open(run / "log.csv") as f:
-        return [(r["iteration"], r["loss"], r["loss_seg"], r["loss_aff"], r["lr"]) for r in csv.DictReader(f)]
 
 
 def test_trains_from_image_level_labels_without_opening_a_mask(data, tmp_path, monkeypatch):
@@ -73,9 +67,9 @@ def test_online_resume_continues_exactly_across_the_phase_switch(data, tmp_path)
     a, b = ckpt_io.load(tmp_path / "full"), ckpt_io.load(tmp_path / "split")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    full = rows(tmp_path / "full")
-    assert full == rows(tmp_path / "split")                  # same losses (so same online labels) at every step
-    assert len(full) == 3 and any(float(r[3]) > 0 for r in full)
+    full = log_rows(tmp_path / "full")
+    assert full == log_rows(tmp_path / "split")              # same losses (so same online labels) at every step
+    assert len(full) == 3 and any(r["loss_aff"] > 0 for r in full)
     assert a["meta"]["config"]["online"]["refine"] == "both" and a["meta"]["infer"]["crf_preset"] == "weclip"
     from pipeline.infer import InferConfig
 
@@ -86,7 +80,7 @@ def test_online_resume_continues_exactly_across_the_phase_switch(data, tmp_path)
     # an ablation is a config value, recorded with the run, and it changes the labels (and so the losses)
     train(tiny_cfg(data, **{"online.refine": "none", "schedule.iters": 1}), tmp_path / "ablation", **kw)
     assert ckpt_io.load(tmp_path / "ablation")["meta"]["config"]["online"]["refine"] == "none"
-    assert rows(tmp_path / "ablation")[0][2] != full[0][2]
+    assert log_rows(tmp_path / "ablation")[0]["loss_seg"] != full[0]["loss_seg"]
 
 
 def test_offline_weclip_takes_the_affinity_loss_from_label_pngs(data, tmp_path):
@@ -95,9 +89,8 @@ def test_offline_weclip_takes_the_affinity_loss_from_label_pngs(data, tmp_path):
     cfg = load_config(None, overrides(data, **sets))
     train(cfg, tmp_path / "off", progress=False, tensorboard=False, clip_model=random_clip(TINY, seed=3),
           log=lambda *_: None)
-    log = rows(tmp_path / "off")
-    for _, loss, seg, aff, _ in log:
-        assert float(aff) > 0 and abs(float(loss) - float(seg) - 0.1 * float(aff)) < 1e-4
+    for r in log_rows(tmp_path / "off"):
+        assert r["loss_aff"] > 0 and abs(r["loss"] - r["loss_seg"] - 0.1 * r["loss_aff"]) < 1e-4
 
 
 def test_online_mode_refuses_datasets_whose_labels_live_in_masks(data, tmp_path):
@@ -230,16 +223,16 @@ def test_online_ddp_two_processes_equal_one_process_at_the_global_batch(data, tm
                                                   "data.pseudo": None, **kw})
     torchrun_train(CONFIG, tmp_path / "full", sets(1, **{"schedule.iters": 2}))
     ck = ckpt_io.load(tmp_path / "full")
-    assert ck["iteration"] == 2 and len(ck["rng"]) == 2 and len(rows(tmp_path / "full")) == 2
+    assert ck["iteration"] == 2 and len(ck["rng"]) == 2 and len(log_rows(tmp_path / "full")) == 2
     plain = {"schedule.iters": 4, "online.refine": "none"}
     torchrun_train(CONFIG, tmp_path / "ddp", sets(1, **plain))
     train(load_config(CONFIG, sets(2, **plain)), tmp_path / "one", progress=False, tensorboard=False,
           log=lambda *_: None)
     a, b = ckpt_io.load(tmp_path / "ddp"), ckpt_io.load(tmp_path / "one")
-    x, y = rows(tmp_path / "ddp"), rows(tmp_path / "one")
-    assert [r[0] for r in x] == ["1", "2", "3", "4"] and any(float(r[3]) > 0 for r in x)
+    x, y = log_rows(tmp_path / "ddp"), log_rows(tmp_path / "one")
+    assert [r["iteration"] for r in x] == [1, 2, 3, 4] and any(r["loss_aff"] > 0 for r in x)
     for p, q in zip(x, y, strict=True):                      # logged losses: the global batch's
-        assert [float(v) for v in p[1:4]] == pytest.approx([float(v) for v in q[1:4]], rel=1e-5, abs=2e-6), (p, q)
+        assert p == pytest.approx(q, rel=1e-5, abs=2e-6), (p, q)
     assert_same_weights(a["model"], b["model"])
 
 

@@ -1,5 +1,4 @@
 """Training loop: exact resume, data stream, config, input validation before training, DDP on CPU."""
-import csv
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from pipeline import checkpoint as ckpt_io
 from pipeline.randomclip import TINY, random_clip
 from pipeline.segdata import AugConfig, ResumableBatchSampler, augment
 from pipeline.train import ConfigError, load_config, train
-from seg_helpers import make_data, overrides, torchrun_train
+from seg_helpers import log_rows, make_data, overrides, torchrun_train
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +21,6 @@ def tiny_weclip_cfg(data, **extra):
     base = {"model.name": "weclip", "data.crop": 48, "data.scale_range": "[0.7,1.3]", "train.batch_size": 2,
             "train.accum": 2, "schedule.iters": 100, "schedule.warmup_iters": 10, "train.log_every": 1}
     return load_config(None, overrides(data, **{**base, **extra}))
-
-
-def log_rows(run):
-    with open(run / "log.csv") as f:
-        return [(r["iteration"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
 
 
 def test_resume_after_50_equals_100_uninterrupted_iterations(data, tmp_path):
@@ -53,7 +47,7 @@ def test_resume_after_50_equals_100_uninterrupted_iterations(data, tmp_path):
     # and a different seed really does change the result (the equality above is not vacuous)
     other = train(tiny_weclip_cfg(data, **{"train.seed": 2, "schedule.iters": 5}), tmp_path / "other", progress=False,
                   tensorboard=False, clip_model=clip, log=lambda *_: None)
-    assert other["loss"] != float(log_rows(tmp_path / "full")[4][1])
+    assert other["loss"] != log_rows(tmp_path / "full")[4]["loss"]
 
 
 def test_data_stream_is_a_function_of_seed_and_position():
