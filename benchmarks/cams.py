@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from pipeline.cams.gradcam import CAMEngine  # noqa: E402
 from pipeline.cams.excel import ExcelConfig, ExcelEngine  # noqa: E402
 from pipeline.classes import builtin  # noqa: E402
-from pipeline.clip import load_clip, read_state_dict  # noqa: E402
-from pipeline.image import load_image, preprocess, target_size  # noqa: E402
-from pipeline.randomclip import VIT_B_16, random_clip, save_clip  # noqa: E402
+from pipeline.clip.model import load_clip, read_state_dict  # noqa: E402
+from pipeline.data.image import load_image, preprocess, target_size  # noqa: E402
+from pipeline.clip.random import VIT_B_16, random_clip, save_clip  # noqa: E402
 from pipeline.cams.stage import CamsConfig, run_cams  # noqa: E402
 from reference import ReferenceCLIP, reference_cams, reference_text  # noqa: E402
 

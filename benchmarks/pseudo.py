@@ -26,13 +26,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline import crf, metrics, synthetic
-from pipeline.crf import torch_backend
-from pipeline.camfile import load_cams, upsample_cams
-from pipeline.datasets import build_dataset, read_mask
-from pipeline.image import load_rgb
-from pipeline.labelio import read_label
-from pipeline.pseudo import PseudoConfig, run_pseudo
+from pipeline.labels import crf
+from pipeline.eval import metrics
+from pipeline.data import synthetic
+from pipeline.labels.crf import torch_backend
+from pipeline.data.camfile import load_cams, upsample_cams
+from pipeline.data.datasets import build_dataset, read_mask
+from pipeline.data.image import load_rgb
+from pipeline.data.labelio import read_label
+from pipeline.labels.pseudo import PseudoConfig, run_pseudo
 
 
 def straightforward_loop(root: Path, ids: list[str], out: Path) -> float:

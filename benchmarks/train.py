@@ -42,27 +42,27 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     import torch
 
     from pipeline.models import build_model, trainable_parameters
-    from pipeline.losses import affinity_labels, affinity_loss
-    from pipeline.train import amp_dtype, autocast, build_optimizer, load_config, model_loss, segmentation_loss
+    from pipeline.train.losses import affinity_labels, affinity_loss
+    from pipeline.train.loop import amp_dtype, autocast, build_optimizer, load_config, model_loss, segmentation_loss
 
     s = SETTINGS[name]
     dev = torch.device(device)
     torch.manual_seed(0)
     maker = None
     if name.startswith("weclip"):
-        from pipeline.randomclip import VIT_B_16, random_clip
+        from pipeline.clip.random import VIT_B_16, random_clip
 
         clip = random_clip(VIT_B_16, seed=0)
         model = build_model({"name": "weclip"}, 21, clip=clip)
         if name == "weclip-online":
             from pipeline.classes import builtin
-            from pipeline.online import OnlineBatch, build_label_maker
+            from pipeline.train.online import OnlineBatch, build_label_maker
 
             maker = build_label_maker({"method": "weclip", "switch_iter": 0}, clip, builtin("voc"))
     elif name == "excel":
         from pipeline.classes import builtin
-        from pipeline.online import OnlineBatch, build_label_maker
-        from pipeline.randomclip import VIT_B_16, random_clip
+        from pipeline.train.online import OnlineBatch, build_label_maker
+        from pipeline.clip.random import VIT_B_16, random_clip
 
         clip = random_clip(VIT_B_16, seed=0)
         model = build_model({"name": "excel"}, 21, clip=clip)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
             print(f"{name}: benchmark process failed (exit {proc.exitcode})", file=sys.stderr)
             return 1
         rows.append(q.get())
-    from pipeline.metrics import format_table
+    from pipeline.eval.metrics import format_table
 
     print(format_table(rows, ["model", "trainable_params", "batch", "crop", "device", "amp", "threads",
                               "iters_timed", "s_per_iter", "iters_per_s", "peak_mem_mb", "memory"]))

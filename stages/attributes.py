@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.cams import excel, tse
     from pipeline.classes import DATA_DIR, ClassList, builtin
-    from pipeline.clip import CheckpointError, load_clip, resolve_device
+    from pipeline.clip.model import CheckpointError, load_clip, resolve_device
 
     try:
         if args.classes:

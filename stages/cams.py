@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.clip import CheckpointError
+from pipeline.clip.model import CheckpointError
 from pipeline.io import StaleOutputError
 from pipeline.cams.stage import CamsConfig, run_cams
 from stages.common import fail, print_failures

@@ -25,7 +25,7 @@ def add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def open_dataset(args: argparse.Namespace):
     """(dataset, ids) from the flags of ``add_dataset_args``."""
-    from pipeline.datasets import build_dataset
+    from pipeline.data.datasets import build_dataset
 
     ds = build_dataset(args.dataset, args.root, args.classes, args.labels, args.masks)
     return ds, ds.ids(args.split or DEFAULT_SPLIT[args.dataset])

@@ -9,12 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.datasets import build_dataset
-from pipeline.demo import make_demo_voc
-from pipeline.pseudo import PseudoConfig, run_pseudo
-from pipeline.randomclip import TINY, random_clip, save_clip
+from pipeline.data.datasets import build_dataset
+from pipeline.data.demo import make_demo_voc
+from pipeline.labels.pseudo import PseudoConfig, run_pseudo
+from pipeline.clip.random import TINY, random_clip, save_clip
 from pipeline.cams.stage import CamsConfig, run_cams
-from pipeline.viz import run_viz
+from pipeline.eval.viz import run_viz
 
 BANNER = """
 ############################################################################

@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline import metrics as M
+    from pipeline.eval import metrics as M
     from pipeline.io import StaleOutputError, check_manifest, write_errors, write_json, write_manifest
 
     try:

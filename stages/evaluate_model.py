@@ -2,7 +2,7 @@
 
     python -m stages.evaluate_model --checkpoint outputs/voc/train/weclip_voc --dataset voc --root ~/data/VOC2012 --split val
 
-mIoU over classes present in the ground truth (pipeline.metrics, the same as the pseudo-label evaluation);
+mIoU over classes present in the ground truth (pipeline.eval.metrics, the same as the pseudo-label evaluation);
 per-class IoU / precision / recall in <out>/per_class.{csv,json,md}, summary in <out>/summary.json.
 --save-predictions also writes the label PNGs. Exit status: 0 ok, 1 some images failed, 2 bad arguments.
 """
@@ -44,11 +44,11 @@ def settings_suffix(args: argparse.Namespace) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline import metrics as M
+    from pipeline.eval import metrics as M
     from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
-    from pipeline.clip import CheckpointError
-    from pipeline.infer import checkpoint_infer_config, evaluate_model
+    from pipeline.clip.model import CheckpointError
+    from pipeline.eval.infer import checkpoint_infer_config, evaluate_model
     from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_json, write_manifest
     from stages.common import DEFAULT_SPLIT, open_dataset
 

@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.mmseg_export import export
+    from pipeline.eval.mmseg_export import export
 
     try:
         ds, ids = open_dataset(args)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.classes import ClassList
-from pipeline.datasets import FolderDataset
+from pipeline.data.datasets import FolderDataset
 from stages.common import DEFAULT_SPLIT, add_dataset_args, fail, open_dataset, print_failures
 
 
@@ -45,7 +45,7 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
 
 
 def infer_overrides(args: argparse.Namespace) -> dict:
-    from pipeline.infer import infer_preset
+    from pipeline.eval.infer import infer_preset
 
     d = infer_preset(args.preset) if args.preset else {}
     if args.scales:
@@ -61,7 +61,7 @@ def infer_overrides(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from pipeline.labelio import FORMATS
+    from pipeline.data.labelio import FORMATS
 
     p = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline import checkpoint as ckpt_io
     from pipeline.checkpoint import CheckpointMismatch
-    from pipeline.clip import CheckpointError
-    from pipeline.infer import checkpoint_infer_config, infer_device, load_model, predict_split
+    from pipeline.clip.model import CheckpointError
+    from pipeline.eval.infer import checkpoint_infer_config, infer_device, load_model, predict_split
     from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_manifest
 
     try:

@@ -11,8 +11,8 @@ import sys
 from stages.common import fail
 
 from pipeline.classes import ClassList
-from pipeline.clip import CheckpointError
-from pipeline.prompts import PromptsConfig, propose_background, run_prompts
+from pipeline.clip.model import CheckpointError
+from pipeline.cams.prompts import PromptsConfig, propose_background, run_prompts
 
 
 def main(argv: list[str] | None = None) -> int:

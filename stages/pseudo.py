@@ -20,8 +20,8 @@ from stages.common import add_dataset_args, fail, open_dataset, outputs, print_f
 
 def add_pseudo_args(p: argparse.ArgumentParser) -> None:
     """Flags of the labelling itself (shared with `stages.cams --pseudo-out`)."""
-    from pipeline.crf import BACKENDS, CONFIDENCE_RULES, DEFAULT_MAX_PIXELS, GUIDES, PRESETS
-    from pipeline.labelio import FORMATS
+    from pipeline.labels.crf import BACKENDS, CONFIDENCE_RULES, DEFAULT_MAX_PIXELS, GUIDES, PRESETS
+    from pipeline.data.labelio import FORMATS
 
     p.add_argument("--refine", choices=("crf", "par"), default="crf",
                    help="crf: CLIP-ES's dense CRF with confidence mask; par: ExCEL's pixel-adaptive refinement "
@@ -62,8 +62,8 @@ def pseudo_config(args: argparse.Namespace, device: str = "cpu"):
     ``device``: where the torch CRF backend runs."""
     from dataclasses import replace
 
-    from pipeline.crf import preset
-    from pipeline.pseudo import PseudoConfig
+    from pipeline.labels.crf import preset
+    from pipeline.labels.pseudo import PseudoConfig
 
     pre = preset(args.crf_preset)
     given = {"iters": args.crf_iters, "pos_xy": args.pos_xy, "pos_w": args.pos_w, "bi_xy": args.bi_xy,
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.io import StaleOutputError
-    from pipeline.pseudo import run_pseudo
+    from pipeline.labels.pseudo import run_pseudo
 
     try:
         cfg = pseudo_config(args, args.device or _default_device(args.crf_backend))

@@ -42,9 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.checkpoint import CheckpointMismatch
-    from pipeline.clip import CheckpointError
-    from pipeline.datasets import SampleError
-    from pipeline.train import dist_env, load_config, train
+    from pipeline.clip.model import CheckpointError
+    from pipeline.data.datasets import SampleError
+    from pipeline.train.loop import dist_env, load_config, train
 
     shortcuts = [f"data.root={args.root}" if args.root else "", f"data.dataset={args.dataset}" if args.dataset else "",
                  f"data.pseudo={args.pseudo}" if args.pseudo else "", f"model.clip={args.clip}" if args.clip else "",

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.viz import run_viz
+    from pipeline.eval.viz import run_viz
 
     pick = lambda v, what: None if v == "none" else (v or outputs(args.dataset, what))  # noqa: E731
     try:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from pipeline.randomclip import TINY, random_clip, save_clip  # noqa: E402
+from pipeline.clip.random import TINY, random_clip, save_clip  # noqa: E402
 
 
 @pytest.fixture

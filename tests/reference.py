@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.tokenizer import tokenize
+from pipeline.clip.tokenizer import tokenize
 
 
 class _LN(nn.LayerNorm):

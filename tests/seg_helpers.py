@@ -10,11 +10,12 @@ import PIL.Image
 import torch
 import yaml
 
-from pipeline import metrics, synthetic
+from pipeline.eval import metrics
+from pipeline.data import synthetic
 from pipeline.classes import IGNORE_INDEX, ClassList
-from pipeline.datasets import build_dataset, read_mask
-from pipeline.labelio import write_label
-from pipeline.segdata import augment
+from pipeline.data.datasets import build_dataset, read_mask
+from pipeline.data.labelio import write_label
+from pipeline.data.segdata import augment
 
 NAMES = ["aeroplane", "bicycle", "bird", "boat"]
 

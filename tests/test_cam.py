@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import affinity
-from pipeline.affinity import sinkhorn, transition_matrix
+from pipeline.labels import affinity
+from pipeline.labels.affinity import sinkhorn, transition_matrix
 from pipeline.cams.gradcam import CAMConfig, CAMEngine, class_scores, gradcam
 from pipeline.classes import builtin
-from pipeline.clip import load_clip, read_state_dict
-from pipeline.randomclip import VIT_B_16, random_clip, save_clip
+from pipeline.clip.model import load_clip, read_state_dict
+from pipeline.clip.random import VIT_B_16, random_clip, save_clip
 from reference import ReferenceCLIP, reference_cams, reference_text, scoremap2bbox
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.clip import CLIP, CheckpointError, CLIPArch, interpolate_pos_embed, load_clip, read_state_dict
-from pipeline.randomclip import TINY, VIT_B_16, VIT_B_32, VIT_L_14, random_clip, save_clip
-from pipeline.tokenizer import tokenize
+from pipeline.clip.model import CLIP, CheckpointError, CLIPArch, interpolate_pos_embed, load_clip, read_state_dict
+from pipeline.clip.random import TINY, VIT_B_16, VIT_B_32, VIT_L_14, random_clip, save_clip
+from pipeline.clip.tokenizer import tokenize
 from reference import ReferenceCLIP
 
 
@@ -116,7 +116,7 @@ def test_matches_openai_style_model(tiny_clip_path):
 
 
 def test_tokenizer_does_not_import_clip_or_torchvision():
-    code = ("import sys; from pipeline.tokenizer import tokenize; t = tokenize('a clean origami cat.'); "
+    code = ("import sys; from pipeline.clip.tokenizer import tokenize; t = tokenize('a clean origami cat.'); "
             "assert t[0, 0] == 49406 and 49407 in t[0]; "
             "assert 'clip' not in sys.modules and 'torchvision' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline.classes import builtin
-from pipeline.image import preprocess
-from pipeline.segdata import AugConfig, augment, denormalize, normalize
+from pipeline.data.image import preprocess
+from pipeline.data.segdata import AugConfig, augment, denormalize, normalize
 
 # OpenAI CLIP's preprocessing statistics (RGB, on 0-1), as CLIP-ES uses them.
 CLIP_RGB_MEAN = (0.48145466, 0.4578275, 0.40821073)

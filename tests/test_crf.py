@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import crf
+from pipeline.labels import crf
 
 
 def test_wrapped_guide_matches_reference_example_and_channel_order():

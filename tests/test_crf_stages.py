@@ -4,12 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import crf, synthetic
-from pipeline.camfile import load_cams
-from pipeline.datasets import build_dataset
-from pipeline.image import load_rgb
-from pipeline.labelio import read_label
-from pipeline.pseudo import PseudoConfig, pseudo_label, run_pseudo
+from pipeline.labels import crf
+from pipeline.data import synthetic
+from pipeline.data.camfile import load_cams
+from pipeline.data.datasets import build_dataset
+from pipeline.data.image import load_rgb
+from pipeline.data.labelio import read_label
+from pipeline.labels.pseudo import PseudoConfig, pseudo_label, run_pseudo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +46,7 @@ def test_cli_torch_backend_and_preset_reach_the_manifest_and_labels(voc, tmp_pat
 
 
 def test_without_pydensecrf_auto_falls_back_to_torch_with_a_note(voc, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("pipeline.crf.pydensecrf_backend.available", lambda: False)
+    monkeypatch.setattr("pipeline.labels.crf.pydensecrf_backend.available", lambda: False)
     root, ids = voc
     ds = build_dataset("voc", root)
     res = run_pseudo(ds, ids, root / "cams", tmp_path / "p", PseudoConfig(), n_jobs=1, progress=False)
@@ -60,7 +61,7 @@ def test_large_image_goes_through_the_capped_crf(tmp_path, monkeypatch):
     synthetic.make_noisy_cams(root, root / "cams", seed=9)
     seen = []
     real = crf.dense_crf
-    monkeypatch.setattr("pipeline.crf.dense_crf", lambda u, g, p, **kw: seen.append((g.shape, p)) or real(u, g, p, **kw))
+    monkeypatch.setattr("pipeline.labels.crf.dense_crf", lambda u, g, p, **kw: seen.append((g.shape, p)) or real(u, g, p, **kw))
     cfg = PseudoConfig(max_pixels=30_000, backend="torch")
     res = run_pseudo(build_dataset("voc", root), ids, root / "cams", tmp_path / "out", cfg, n_jobs=1, progress=False)
     assert res["failed"] == 0

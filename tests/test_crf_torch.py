@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import crf, synthetic
-from pipeline.camfile import upsample_cams
-from pipeline.crf import permutohedral, torch_backend
+from pipeline.labels import crf
+from pipeline.data import synthetic
+from pipeline.data.camfile import upsample_cams
+from pipeline.labels.crf import permutohedral, torch_backend
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,13 +120,13 @@ def test_backend_choice(monkeypatch):
     assert crf.resolve_backend("auto", "cuda:0") == "torch"
     with pytest.raises(ValueError, match="unknown CRF backend"):
         crf.resolve_backend("gpu")
-    monkeypatch.setattr("pipeline.crf.pydensecrf_backend.available", lambda: False)
+    monkeypatch.setattr("pipeline.labels.crf.pydensecrf_backend.available", lambda: False)
     notes = []
     assert crf.resolve_backend("auto", "cpu", log=notes.append) == "torch"
     assert "pydensecrf is not installed" in notes[0]
     with pytest.raises(ValueError, match="pip install pydensecrf2"):
         crf.resolve_backend("pydensecrf", "cpu")
-    monkeypatch.setattr("pipeline.crf.pydensecrf_backend.available", lambda: True)
+    monkeypatch.setattr("pipeline.labels.crf.pydensecrf_backend.available", lambda: True)
     assert crf.resolve_backend("auto", "cpu") == "pydensecrf"
 
 

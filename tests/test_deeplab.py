@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline.infer import checkpoint_infer_config, predict_image
+from pipeline.eval.infer import checkpoint_infer_config, predict_image
 from pipeline.models import DeepLab, build_model, load_pretrained
 from pipeline.models.msc import fuse_max, nearest_labels
-from pipeline.segdata import AugConfig, augment, denormalize, normalize
-from pipeline.train import ConfigError, build_optimizer, load_config, lr_factor, model_loss, train
+from pipeline.data.segdata import AugConfig, augment, denormalize, normalize
+from pipeline.train.loop import ConfigError, build_optimizer, load_config, lr_factor, model_loss, train
 from seg_helpers import make_data, overrides
 
 

@@ -1,8 +1,8 @@
 """make demo runs end to end on bundled real photos and warns loudly without weights."""
 from __future__ import annotations
 
-from pipeline.camfile import load_cams
-from pipeline.demo import SAMPLES
+from pipeline.data.camfile import load_cams
+from pipeline.data.demo import SAMPLES
 from stages.demo import main
 
 

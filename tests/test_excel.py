@@ -13,10 +13,10 @@ from PIL import Image
 
 from conftest import make_voc, textured_image
 from pipeline.cams import excel, tse
-from pipeline.camfile import load_cams
+from pipeline.data.camfile import load_cams
 from pipeline.classes import ClassList, builtin
-from pipeline.clip import CLIPArch
-from pipeline.randomclip import random_clip
+from pipeline.clip.model import CLIPArch
+from pipeline.clip.random import random_clip
 from pipeline.cams.stage import CamsConfig, run_cams
 from stages.cams import main as cams_main
 
@@ -264,8 +264,8 @@ def _folder_dataset(tmp_path):
 
 
 def test_folder_dataset_end_to_end_with_own_vocabulary_and_descriptions(tmp_path, tiny_clip_path):
-    from pipeline.datasets import build_dataset
-    from pipeline.pseudo import PseudoConfig, run_pseudo
+    from pipeline.data.datasets import build_dataset
+    from pipeline.labels.pseudo import PseudoConfig, run_pseudo
 
     root = _folder_dataset(tmp_path)
     out = tmp_path / "cams"
@@ -304,7 +304,7 @@ def test_stage_square_input_static_maps_and_option_errors(tmp_path, tiny_clip_pa
     d = load_cams(out / "2007_000001.npz")
     assert d["cams"].shape == (2, 4, 4) and d["image_size"].tolist() == [96, 128]
     # cams_init are the static patch-text CAMs of the image's classes, straight from the engine
-    from pipeline.clip import load_clip
+    from pipeline.clip.model import load_clip
 
     model = load_clip(tiny_clip_path)
     cfg = excel.make_config("voc", builtin("voc"), True, None, {"tse": False, "input_size": 64})
@@ -313,8 +313,8 @@ def test_stage_square_input_static_maps_and_option_errors(tmp_path, tiny_clip_pa
     static, _ = engine.maps(image[None])
     np.testing.assert_allclose(d["cams_init"], static[0, [7, 11]].numpy(), rtol=1e-5, atol=1e-6)
     # PAR labels take the CAM stage's square input size from its manifest for their guide image
-    from pipeline.datasets import build_dataset
-    from pipeline.pseudo import PseudoConfig, run_pseudo
+    from pipeline.data.datasets import build_dataset
+    from pipeline.labels.pseudo import PseudoConfig, run_pseudo
 
     res = run_pseudo(build_dataset("voc", root), ["2007_000001"], out, tmp_path / "pseudo",
                      PseudoConfig(refine="par", require_gt=False), n_jobs=1, progress=False)

@@ -1,7 +1,7 @@
 """ExCEL training under DDP: two gloo processes on CPU at per-process batch 1 against one process at
 batch 2 over the same crops. The sampler gives rank r of global batch b the crop one process at batch
 2 takes as its r-th (same image, same augmentation counter), the balanced CE and the diversity loss
-pool their pixel and pair counts over the processes (``pipeline.losses.Pool``), and DDP starts every
+pool their pixel and pair counts over the processes (``pipeline.train.losses.Pool``), and DDP starts every
 process from rank 0's weights; so with per-image statistics (``model.statistics: image``) and no
 dropout (each process draws its own masks) the two runs are the same up to float rounding. With the
 reference's batch-global statistics an image's affinity and dynamic relations depend on the images in
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.losses import Pool, affinity_labels, affinity_loss, segmentation_loss
-from pipeline.randomclip import TINY, random_clip, save_clip
-from pipeline.train import load_config, train
+from pipeline.train.losses import Pool, affinity_labels, affinity_loss, segmentation_loss
+from pipeline.clip.random import TINY, random_clip, save_clip
+from pipeline.train.loop import load_config, train
 from seg_helpers import assert_same_weights, log_rows, make_data, overrides, torchrun_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,18 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint as ckpt_io
-from pipeline import metrics
+from pipeline.eval import metrics
 from pipeline.classes import IGNORE_INDEX, ClassList
-from pipeline.clip import CLIP, CLIPArch
-from pipeline.datasets import build_dataset
-from pipeline.infer import InferConfig, infer_preset, msc_logits
-from pipeline.losses import affinity_labels, affinity_loss
+from pipeline.clip.model import CLIP, CLIPArch
+from pipeline.data.datasets import build_dataset
+from pipeline.eval.infer import InferConfig, infer_preset, msc_logits
+from pipeline.train.losses import affinity_labels, affinity_loss
 from pipeline.models import ExcelSeg, build_model, trainable_parameters
 from pipeline.models.excel import dynamic_relation, feature_affinity
-from pipeline.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
-from pipeline.online.excel import ExcelLabelConfig
-from pipeline.randomclip import TINY, VIT_B_16, random_clip
-from pipeline.train import ConfigError, aug_config, build_optimizer, load_config, train
+from pipeline.train.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
+from pipeline.train.online.excel import ExcelLabelConfig
+from pipeline.clip.random import TINY, VIT_B_16, random_clip
+from pipeline.train.loop import ConfigError, aug_config, build_optimizer, load_config, train
 from seg_helpers import injected_attention, injected_crop_cams, log_rows, make_data, overrides
 from stages.predict import add_infer_args, infer_overrides
 
@@ -275,7 +275,7 @@ def test_online_training_reads_no_mask_and_resumes_exactly_across_both_switches(
     def no_masks(path, *a, **k):
         raise AssertionError(f"training read a label map: {path}")
 
-    for where in ("pipeline.labelio.read_label", "pipeline.datasets.read_label", "pipeline.segdata.read_label"):
+    for where in ("pipeline.data.labelio.read_label", "pipeline.data.datasets.read_label", "pipeline.data.segdata.read_label"):
         monkeypatch.setattr(where, no_masks)
     opened = []
     real_open = PIL.Image.open

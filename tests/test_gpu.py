@@ -9,8 +9,8 @@ import torch
 
 from pipeline.cams.gradcam import CAMEngine
 from pipeline.classes import builtin
-from pipeline.clip import load_clip
-from pipeline.randomclip import VIT_B_16, random_clip, save_clip
+from pipeline.clip.model import load_clip
+from pipeline.clip.random import VIT_B_16, random_clip, save_clip
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -43,9 +43,10 @@ def test_batched_equals_single_on_gpu(b16):
 
 
 def test_torch_crf_on_gpu_agrees_with_the_cpu_and_batches():
-    from pipeline import crf, synthetic
-    from pipeline.camfile import upsample_cams
-    from pipeline.crf import torch_backend
+    from pipeline.labels import crf
+    from pipeline.data import synthetic
+    from pipeline.data.camfile import upsample_cams
+    from pipeline.labels.crf import torch_backend
 
     rng = np.random.default_rng(0)
     us, gs = [], []

@@ -19,14 +19,14 @@ from torch import nn
 from conftest import make_voc
 from pipeline.cams.gradcam import CAMConfig, CAMEngine
 from pipeline.classes import ClassList, builtin
-from pipeline.clip import CLIPArch, load_clip, read_state_dict
-from pipeline.infer import InferConfig, msc_logits
+from pipeline.clip.model import CLIPArch, load_clip, read_state_dict
+from pipeline.eval.infer import InferConfig, msc_logits
 from pipeline.io import StaleOutputError
 from pipeline.models import build_model
-from pipeline.pseudo import PseudoConfig
-from pipeline.randomclip import TINY, random_clip, save_clip
+from pipeline.labels.pseudo import PseudoConfig
+from pipeline.clip.random import TINY, random_clip, save_clip
 from pipeline.cams.stage import run_cams, shard_ids
-from pipeline.train import load_config, segmentation_loss
+from pipeline.train.loop import load_config, segmentation_loss
 from reference import ReferenceCLIP, reference_cams, reference_text
 from stages import cams as cams_stage
 from stages import pseudo as pseudo_stage
@@ -94,7 +94,7 @@ def _changes_outputs(tmp) -> dict[str, list[str]]:
 def _changes_excel_outputs(tmp) -> dict[str, list[str]]:
     """Every ExCEL-only flag of ``stages.cams`` (checked against an ExCEL run) -> a changed setting."""
     from pipeline.cams import tse
-    from pipeline.clip import load_clip
+    from pipeline.clip.model import load_clip
 
     voc = builtin("voc")
     descriptions = json.loads(open("data/descriptions/voc.json").read())

@@ -1,5 +1,5 @@
 """Inference: sliding window and multi-scale/flip, the CRF on model probabilities, palette PNG outputs,
-and make eval WHAT=model scored with pipeline.metrics."""
+and make eval WHAT=model scored with pipeline.eval.metrics."""
 import json
 
 import numpy as np
@@ -9,11 +9,11 @@ from PIL import Image
 from torch import nn
 
 from pipeline import checkpoint as ckpt_io
-from pipeline import metrics
-from pipeline.crf import CRFParams
-from pipeline.datasets import build_dataset, read_mask
-from pipeline.infer import InferConfig, crf_refine, evaluate_model, msc_logits, tile_starts, window_logits
-from pipeline.train import load_config, train
+from pipeline.eval import metrics
+from pipeline.labels.crf import CRFParams
+from pipeline.data.datasets import build_dataset, read_mask
+from pipeline.eval.infer import InferConfig, crf_refine, evaluate_model, msc_logits, tile_starts, window_logits
+from pipeline.train.loop import load_config, train
 from seg_helpers import make_data, overrides
 
 
@@ -175,7 +175,7 @@ def test_evaluate_model_refuses_a_stale_folder_before_predicting(trained, tmp_pa
         raise AssertionError("the evaluation started although its folder is refused")
 
     for name in ("load_model", "predict_split", "predict_image"):
-        monkeypatch.setattr(f"pipeline.infer.{name}", must_not_run)
+        monkeypatch.setattr(f"pipeline.eval.infer.{name}", must_not_run)
     capsys.readouterr()
     assert ev.main(common + ["--scales", "1.0,0.75", "--no-flip"]) == 2
     err = capsys.readouterr().err
@@ -201,7 +201,7 @@ def test_checkpoint_for_other_classes_is_refused(trained, tmp_path):
 
 def test_predict_cli_on_a_plain_image_folder(trained, tmp_path):
     """make predict IMAGES=folder: no dataset, labels or class list needed; PNGs and overlays."""
-    from pipeline.labelio import read_label
+    from pipeline.data.labelio import read_label
     from stages.predict import main as predict_main
 
     _, run = trained

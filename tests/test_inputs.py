@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from pipeline.classes import ClassList, builtin, palette
-from pipeline.datasets import COCODataset, FolderDataset, SampleError, VOCDataset, read_labels_file
-from pipeline.image import CLIP_MEAN, CLIP_STD, ImageError, load_image, preprocess, target_size
+from pipeline.data.datasets import COCODataset, FolderDataset, SampleError, VOCDataset, read_labels_file
+from pipeline.data.image import CLIP_MEAN, CLIP_STD, ImageError, load_image, preprocess, target_size
 from conftest import textured_image, write_voc_xml
 
 

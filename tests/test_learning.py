@@ -9,8 +9,8 @@ not chance. Measured when written: WeCLIP (tiny random CLIP) 0.62, DeepLabV2 (1-
 """
 import pytest
 
-from pipeline.randomclip import TINY, random_clip
-from pipeline.train import load_config, train
+from pipeline.clip.random import TINY, random_clip
+from pipeline.train.loop import load_config, train
 from seg_helpers import make_data, overrides
 
 MARGIN = 0.03

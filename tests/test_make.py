@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from pipeline import synthetic
+from pipeline.data import synthetic
 from pipeline.classes import builtin
 
 N_TRAIN, N_VAL = 6, 3

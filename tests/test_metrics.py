@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import metrics as M
-from pipeline import synthetic
-from pipeline.datasets import build_dataset
+from pipeline.eval import metrics as M
+from pipeline.data import synthetic
+from pipeline.data.datasets import build_dataset
 
 
 def test_confusion_matrix_hand_computed_with_ignore():
@@ -113,8 +113,8 @@ def scenes(tmp_path_factory):
 
 
 def test_evaluate_cams_matches_direct_computation_and_logs_errors(scenes):
-    from pipeline.camfile import load_cams, upsample_cams
-    from pipeline.datasets import read_mask
+    from pipeline.data.camfile import load_cams, upsample_cams
+    from pipeline.data.datasets import read_mask
 
     root, ids = scenes
     ds = build_dataset("voc", root)
@@ -176,7 +176,7 @@ def test_coco_layout_uses_81_classes(tmp_path):
     ds = build_dataset("coco", tmp_path)
     res = M.evaluate_cams(ds, ids, tmp_path / "cams", n_jobs=1, progress=False)
     assert res["failed"] == 0 and res["conf"].shape == (81, 81)
-    from pipeline.datasets import read_mask
+    from pipeline.data.datasets import read_mask
 
     gt_classes = set()
     for i in ids:

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.classes import palette
-from pipeline.datasets import build_dataset
-from pipeline.mmseg_export import ExportError, export
+from pipeline.data.datasets import build_dataset
+from pipeline.eval.mmseg_export import ExportError, export
 from seg_helpers import NAMES, make_data
 
 

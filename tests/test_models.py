@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.clip import CLIP
+from pipeline.clip.model import CLIP
 from pipeline.models import DeepLab, WeCLIPSeg, build_model, decoder_param_count, load_pretrained, trainable_parameters
 from pipeline.models.deeplab import ResNet
-from pipeline.randomclip import TINY, VIT_B_16, random_clip
-from pipeline.train import build_optimizer, load_config, lr_factor, segmentation_loss
+from pipeline.clip.random import TINY, VIT_B_16, random_clip
+from pipeline.train.loop import build_optimizer, load_config, lr_factor, segmentation_loss
 
 
 def test_weclip_voc_decoder_has_spec_parameter_count_on_vit_b16():

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from pipeline.affinity import decoder_affinity, layer_filter, refine, refine_batch
+from pipeline.labels.affinity import decoder_affinity, layer_filter, refine, refine_batch
 from pipeline.classes import builtin
-from pipeline.losses import affinity_labels, affinity_loss, segmentation_loss
+from pipeline.train.losses import affinity_labels, affinity_loss, segmentation_loss
 from pipeline.models import build_model
-from pipeline.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
-from pipeline.online.weclip import WeCLIPConfig, online_labels, rfm_attention
-from pipeline.randomclip import TINY, random_clip
+from pipeline.train.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
+from pipeline.train.online.weclip import WeCLIPConfig, online_labels, rfm_attention
+from pipeline.clip.random import TINY, random_clip
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +75,7 @@ def test_rfm_box_masks_reach_the_grids_last_row_and_column_only_when_asked():
     column, so RFM refines it to nothing; ``online.exact_boxes: false`` keeps it."""
     from types import SimpleNamespace
 
-    from pipeline.online.weclip import WeCLIPLabels
+    from pipeline.train.online.weclip import WeCLIPLabels
 
     eye = torch.eye(10)[None]                                        # CLS + 3 x 3 patches, attending to themselves
     inter = SimpleNamespace(attentions={i: eye for i in range(4, 11)})

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt_io
-from pipeline import labelio, metrics
+from pipeline.data import labelio
+from pipeline.eval import metrics
 from pipeline.classes import IGNORE_INDEX
-from pipeline.datasets import build_dataset
-from pipeline.online import InitialCAMs, build_label_maker, pad_maps
-from pipeline.randomclip import TINY, random_clip
-from pipeline.train import aug_config, load_config, train
+from pipeline.data.datasets import build_dataset
+from pipeline.train.online import InitialCAMs, build_label_maker, pad_maps
+from pipeline.clip.random import TINY, random_clip
+from pipeline.train.loop import aug_config, load_config, train
 from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, log_rows, make_data,
                           overrides, torchrun_train)
 
@@ -47,8 +48,8 @@ def test_trains_from_image_level_labels_without_opening_a_mask(data, tmp_path, m
         raise AssertionError(f"training read a label map: {path}")
 
     monkeypatch.setattr(labelio, "read_label", no_masks)
-    monkeypatch.setattr("pipeline.datasets.read_label", no_masks)
-    monkeypatch.setattr("pipeline.segdata.read_label", no_masks)
+    monkeypatch.setattr("pipeline.data.datasets.read_label", no_masks)
+    monkeypatch.setattr("pipeline.data.segdata.read_label", no_masks)
     d = {**data, "root": root, "pseudo": None, "train": root / "ImageSets" / "Segmentation" / "train.txt"}
     res = train(tiny_cfg(d, **{"schedule.iters": 2}), tmp_path / "run", progress=False, tensorboard=False,
                 clip_model=random_clip(TINY, seed=3), log=lambda *_: None)
@@ -71,7 +72,7 @@ def test_online_resume_continues_exactly_across_the_phase_switch(data, tmp_path)
     assert full == log_rows(tmp_path / "split")              # same losses (so same online labels) at every step
     assert len(full) == 3 and any(r["loss_aff"] > 0 for r in full)
     assert a["meta"]["config"]["online"]["refine"] == "both" and a["meta"]["infer"]["crf_preset"] == "weclip"
-    from pipeline.infer import InferConfig
+    from pipeline.eval.infer import InferConfig
 
     icfg = InferConfig.from_dict(a["meta"]["infer"])             # what make predict / eval WHAT=model read
     assert icfg.long_side == 512 and icfg.scales == (1.0, 0.75) and icfg.flip and icfg.average_at == "logits"
@@ -94,7 +95,7 @@ def test_offline_weclip_takes_the_affinity_loss_from_label_pngs(data, tmp_path):
 
 
 def test_online_mode_refuses_datasets_whose_labels_live_in_masks(data, tmp_path):
-    from pipeline.train import ConfigError, image_level_samples
+    from pipeline.train.loop import ConfigError, image_level_samples
 
     ds = build_dataset("coco", data["root"], data["classes"])
     with pytest.raises(ConfigError, match="labels file"):
@@ -215,7 +216,7 @@ def test_online_ddp_two_processes_equal_one_process_at_the_global_batch(data, tm
     1e-6, it depends on the batch's composition) can move a box when a CAM value sits on the threshold:
     measured here, one crop of the third global batch changed 592 of its 2304 pixels. The full method
     is run under DDP across the switch too, and must train and keep both ranks' RNG states."""
-    from pipeline.randomclip import save_clip
+    from pipeline.clip.random import save_clip
 
     clip = save_clip(random_clip(TINY, seed=3), tmp_path / "tiny.pt")
     sets = lambda batch, **kw: overrides(data, **{"model.clip": clip, "data.crop": 48, "train.batch_size": batch,  # noqa: E731
@@ -237,7 +238,7 @@ def test_online_ddp_two_processes_equal_one_process_at_the_global_batch(data, tm
 
 
 def test_folder_dataset_image_level_labels_from_csv(tmp_path):
-    from pipeline.train import image_level_samples
+    from pipeline.train.loop import image_level_samples
 
     (tmp_path / "imgs").mkdir()
     for i in ("a", "b"):

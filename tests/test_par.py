@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.par import affinity, par
+from pipeline.labels.par import affinity, par
 
 
 def reference_par(imgs, masks, dilations=(1, 2, 4, 8, 12, 24), num_iter=20):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.affinity import minmax
+from pipeline.labels.affinity import minmax
 from pipeline.cams.gradcam import CAMConfig, CAMEngine, class_scores
 from pipeline.classes import ClassList, builtin
-from pipeline.clip import load_clip
-from pipeline.prompts import (PromptsConfig, best_template, propose_background, run_prompts, score_templates,
+from pipeline.clip.model import load_clip
+from pipeline.cams.prompts import (PromptsConfig, best_template, propose_background, run_prompts, score_templates,
                               sharpness)
-from pipeline.text import encode_prompts, text_variants
+from pipeline.clip.text import encode_prompts, text_variants
 
 TEMPLATES = ["a clean origami {}.", "a photo of a {}.", "a sketch of the {}.", "itap of my {}.", "there is a {} in the scene."]
 
@@ -126,8 +126,8 @@ def test_custom_vocabulary_end_to_end(tmp_path, tiny_clip_path):
     from PIL import Image
 
     from conftest import textured_image
-    from pipeline.datasets import build_dataset
-    from pipeline.pseudo import PseudoConfig, run_pseudo
+    from pipeline.data.datasets import build_dataset
+    from pipeline.labels.pseudo import PseudoConfig, run_pseudo
     from pipeline.cams.stage import CamsConfig, run_cams
 
     imgs = tmp_path / "photos"

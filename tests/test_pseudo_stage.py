@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import crf, metrics, synthetic
-from pipeline.camfile import load_cams, save_cams, upsample_cams
+from pipeline.labels import crf
+from pipeline.eval import metrics
+from pipeline.data import synthetic
+from pipeline.data.camfile import load_cams, save_cams, upsample_cams
 from pipeline.classes import palette
-from pipeline.datasets import build_dataset, read_mask
-from pipeline.image import load_rgb
+from pipeline.data.datasets import build_dataset, read_mask
+from pipeline.data.image import load_rgb
 from pipeline.io import StaleOutputError
-from pipeline.labelio import encode_label, read_label, write_label
-from pipeline.pseudo import PseudoConfig, pseudo_label, run_pseudo
+from pipeline.data.labelio import encode_label, read_label, write_label
+from pipeline.labels.pseudo import PseudoConfig, pseudo_label, run_pseudo
 
 N = 6
 

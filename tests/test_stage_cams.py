@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, make_voc, textured_image, write_voc_xml
-from pipeline.camfile import load_cams, upsample_cams
+from pipeline.data.camfile import load_cams, upsample_cams
 from pipeline.io import StaleOutputError, sha256_file
 from pipeline.cams.stage import CamsConfig, run_cams
 from stages.cams import main as cams_main
@@ -77,7 +77,7 @@ def test_resume_skips_and_config_change_is_refused(voc_small, tiny_clip_path, tm
     # another checkpoint is refused too, through the CLI with exit code 2
     other = tmp_path / "other.pt"
     other.write_bytes(tiny_clip_path.read_bytes() + b"")
-    from pipeline.randomclip import TINY, random_clip, save_clip
+    from pipeline.clip.random import TINY, random_clip, save_clip
     save_clip(random_clip(TINY, seed=9), other)
     rc = cams_main(["--dataset", "voc", "--root", str(root), "--split", str(split), "--clip", str(other),
                     "--out", str(out), "--box-threshold", "0.5", "--workers", "0", "--no-progress"])
@@ -187,9 +187,9 @@ def test_torchrun_two_processes_equal_single_process(voc_small, tiny_clip_path, 
 
 
 def test_cams_straight_into_pseudo_labels_equal_the_two_stage_run(tmp_path, tiny_clip_path):
-    from pipeline.datasets import build_dataset
-    from pipeline.pseudo import PseudoConfig, run_pseudo
-    from pipeline.synthetic import make_scenes, split_file
+    from pipeline.data.datasets import build_dataset
+    from pipeline.labels.pseudo import PseudoConfig, run_pseudo
+    from pipeline.data.synthetic import make_scenes, split_file
 
     root = tmp_path / "VOC"
     make_scenes(root, 5, seed=3)

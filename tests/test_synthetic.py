@@ -1,7 +1,7 @@
 """The synthetic scenes' CAM error model: co-occurring classes traded."""
 import numpy as np
 
-from pipeline.synthetic import swap_cooccurring
+from pipeline.data.synthetic import swap_cooccurring
 
 
 def cams4():

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.randomclip import TINY, random_clip
-from pipeline.segdata import AugConfig, ResumableBatchSampler, augment
-from pipeline.train import ConfigError, load_config, train
+from pipeline.clip.random import TINY, random_clip
+from pipeline.data.segdata import AugConfig, ResumableBatchSampler, augment
+from pipeline.train.loop import ConfigError, load_config, train
 from seg_helpers import log_rows, make_data, overrides, torchrun_train
 
 
@@ -143,7 +143,7 @@ def test_resume_refuses_another_model_or_class_count(data, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_with_gloo(data, tmp_path):
     clip = tmp_path / "tiny.pt"
-    from pipeline.randomclip import save_clip
+    from pipeline.clip.random import save_clip
 
     save_clip(random_clip(TINY, seed=3), clip)
     sets = overrides(data, **{"model.name": "weclip", "model.clip": clip, "data.crop": 48, "train.batch_size": 2,

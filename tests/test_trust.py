@@ -9,10 +9,10 @@ import stat
 import numpy as np
 import pytest
 
-from pipeline import synthetic
-from pipeline.datasets import build_dataset
+from pipeline.data import synthetic
+from pipeline.data.datasets import build_dataset
 from pipeline.io import write_bytes, write_manifest
-from pipeline.pseudo import PseudoConfig, run_pseudo
+from pipeline.labels.pseudo import PseudoConfig, run_pseudo
 from pipeline.cams.stage import CamsConfig, run_cams
 
 N = 4
@@ -90,7 +90,7 @@ def _weights_files(tmp_path):
 @pytest.mark.parametrize("loader", ["clip", "segmentation"])
 def test_unreadable_weights_get_one_whole_safe_sentence(tmp_path, loader):
     from pipeline import checkpoint
-    from pipeline.clip import read_state_dict
+    from pipeline.clip.model import read_state_dict
 
     load = read_state_dict if loader == "clip" else checkpoint.load
     for path in _weights_files(tmp_path):
@@ -191,7 +191,7 @@ def _vocab(tmp_path, n):
 
 
 def test_pseudo_refuses_cams_outside_the_vocabulary_nan_or_wrong_grid(scenes_copy, tmp_path):
-    from pipeline.camfile import load_cams, save_cams
+    from pipeline.data.camfile import load_cams, save_cams
 
     root, ids = scenes_copy
     synthetic.make_noisy_cams(root, root / "cams", seed=5)
@@ -265,7 +265,7 @@ def test_crf_workers_die_with_a_killed_pseudo_stage(tmp_path):
 def test_truncated_training_image_is_caught_before_training(scenes_copy):
     from PIL import Image
 
-    from pipeline.segdata import DataError, make_samples, validate_samples
+    from pipeline.data.segdata import DataError, make_samples, validate_samples
 
     root, ids = scenes_copy
     jpg = root / "JPEGImages" / f"{ids[1]}.jpg"
@@ -308,7 +308,7 @@ def test_folder_dataset_without_ground_truth_needs_none_for_pseudo_labels(scenes
 def test_resnet_clip_for_training_gets_a_training_message(tmp_path):
     import torch
 
-    from pipeline.clip import CheckpointError
+    from pipeline.clip.model import CheckpointError
     from pipeline.models import build_model
 
     torch.save({"visual.layer1.0.conv1.weight": torch.zeros(1), "visual.attnpool.c_proj.weight": torch.zeros(1)},
@@ -321,7 +321,7 @@ def test_resnet_clip_for_training_gets_a_training_message(tmp_path):
 
 
 def test_random_weight_banner_on_panels_and_page():
-    from pipeline.viz import CAPTION_H, gallery_html, make_panel
+    from pipeline.eval.viz import CAPTION_H, gallery_html, make_panel
 
     image = np.full((40, 60, 3), 128, np.uint8)
     plain = make_panel(image, label=np.zeros((40, 60), np.uint8))
@@ -334,12 +334,12 @@ def test_random_weight_banner_on_panels_and_page():
 
 
 def test_diverging_training_is_a_message(monkeypatch, capsys):
-    import pipeline.train
+    import pipeline.train.loop
     from stages.train import main as train_main
 
     def diverge(*a, **k):
         raise FloatingPointError("loss became nan at iteration 2; lower optim.lr or use amp=bf16")
 
-    monkeypatch.setattr(pipeline.train, "train", diverge)
+    monkeypatch.setattr(pipeline.train.loop, "train", diverge)
     assert train_main(["--config", "configs/weclip_voc.yaml", "--root", ".", "--no-progress"]) == 2
     assert "error: loss became nan at iteration 2" in capsys.readouterr().err

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import synthetic, viz
+from pipeline.data import synthetic
+from pipeline.eval import viz
 from pipeline.classes import palette
-from pipeline.datasets import build_dataset, read_mask
-from pipeline.image import load_rgb
-from pipeline.labelio import read_label, write_label
-from pipeline.pseudo import run_pseudo
+from pipeline.data.datasets import build_dataset, read_mask
+from pipeline.data.image import load_rgb
+from pipeline.data.labelio import read_label, write_label
+from pipeline.labels.pseudo import run_pseudo
 
 
 def test_make_panel_layout_and_tiles():

@@ -8,8 +8,8 @@ from typing import Any
 
 from .gradcam import CAMConfig, CAMEngine
 from ..classes import ClassList
-from ..clip import CLIP
-from ..image import load_for_model
+from ..clip.model import CLIP
+from ..data.image import load_for_model
 
 CUDA_PRECISION = "fp16"
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..affinity import box_masks, mean_attention, refine, transition_matrix
+from ..labels.affinity import box_masks, mean_attention, refine, transition_matrix
 from .gradcam import CAMResult
 from ..classes import DATA_DIR, ClassList
-from ..clip import CLIP, Calibrated
-from ..image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PATCHES, load_image, target_size
+from ..clip.model import CLIP, Calibrated
+from ..data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PATCHES, load_image, target_size
 from ..io import sha256_file
-from ..text import encode_prompts
+from ..clip.text import encode_prompts
 from . import tse
 from .tse import DROP
 

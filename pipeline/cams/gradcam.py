@@ -15,10 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..affinity import box_masks, mean_attention, minmax, refine, transition_matrix
+from ..labels.affinity import box_masks, mean_attention, minmax, refine, transition_matrix
 from ..classes import ClassList
-from ..clip import CLIP, Intermediates, acc_dtype, attention_weights
-from ..text import text_variants
+from ..clip.model import CLIP, Intermediates, acc_dtype, attention_weights
+from ..clip.text import text_variants
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
-from ..camfile import save_cams
-from ..clip import PRECISIONS, load_clip, resolve_device
-from ..datasets import Dataset, SampleError, build_dataset
-from ..image import DEFAULT_MAX_PATCHES, ImageError
+from ..data.camfile import save_cams
+from ..clip.model import PRECISIONS, load_clip, resolve_device
+from ..data.datasets import Dataset, SampleError, build_dataset
+from ..data.image import DEFAULT_MAX_PATCHES, ImageError
 from ..io import check_manifest, check_output_folder, sha256_file, write_errors, write_json, write_manifest
-from ..prompts import best_template
+from .prompts import best_template
 from . import get_method
 
 
@@ -169,7 +169,7 @@ def run_cams(cfg: CamsConfig) -> Summary:
     resume = check_manifest(out, config, cfg.overwrite, outputs="*.npz") if cfg.keep_cams else False
     labeller = None
     if cfg.pseudo_out:
-        from ..pseudo import PseudoConfig, StreamingLabeller
+        from ..labels.pseudo import PseudoConfig, StreamingLabeller
 
         # the torch CRF backend runs on the CAM stage's device
         pseudo_cfg = dataclasses.replace(cfg.pseudo or PseudoConfig(), device=str(device))

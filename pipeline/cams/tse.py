@@ -114,7 +114,7 @@ def cluster(embeddings: Sequence[np.ndarray], total: int, seed: int = 0) -> Attr
 def build_bank(model, classes: ClassList, descriptions: Sequence[Sequence[str]], total: int, seed: int = 0,
                template: str | None = None) -> AttributeBank:
     """Embed every description sentence with ``model``'s text encoder and cluster (see ``cluster``)."""
-    from ..text import encode_grid
+    from ..clip.text import encode_grid
 
     groups = sentences(classes, descriptions, template)
     flat = encode_grid(model, [s for g in groups for s in g], ["{}"])[0].float().cpu().numpy()

@@ -45,7 +45,7 @@ def build_model(cfg: Mapping[str, Any], num_classes: int, clip: nn.Module | None
     name = cfg.get("name")
     if name in ("weclip", "excel"):
         if clip is None:
-            from ..clip import load_clip
+            from ..clip.model import load_clip
 
             if not cfg.get("clip"):
                 raise ValueError(f"model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for {name}")

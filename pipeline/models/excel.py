@@ -9,7 +9,7 @@ cosine similarities, centred and sharpened, become
 
 - the dynamic relations E, added to every calibrated head's patch-patch map in a second,
   gradient-free encoder pass whose CAMs (dynamic CAMs) replace the static ones later in training
-  (``pipeline.online.excel`` runs it);
+  (``pipeline.train.online.excel`` runs it);
 - the affinity A_f that filters the attention used to refine CAMs and that the diversity loss trains.
 
 Statistics: the reference centres the similarities with the mean over the whole batch tensor, so an
@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..clip import CLIP, Calibrated, acc_dtype
+from ..clip.model import CLIP, Calibrated, acc_dtype
 from .weclip import WeCLIPSeg
 
 STATISTICS = ("batch", "image")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..clip import CLIP, ResidualAttentionBlock
+from ..clip.model import CLIP, ResidualAttentionBlock
 
 
 def _init_clip_block(block: ResidualAttentionBlock) -> ResidualAttentionBlock:
@@ -136,7 +136,7 @@ class WeCLIPSeg(nn.Module):
         return logits[..., :H, :W]
 
     def _train_outputs(self, images: torch.Tensor, attention_blocks: Sequence[int]) -> dict:
-        from ..affinity import decoder_affinity
+        from ..labels.affinity import decoder_affinity
 
         H, W = images.shape[-2:]
         if H % self.patch or W % self.patch:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ..classes import IGNORE_INDEX
+from ...classes import IGNORE_INDEX
 
 # deeplab-pytorch's BGR mean, subtracted from the guide image by CLIP-ES and deeplab-pytorch.
 BGR_MEAN = (104.008, 116.669, 122.675)

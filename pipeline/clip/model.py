@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .io import UnreadableWeights, error_detail, torch_load
+from ..io import UnreadableWeights, error_detail, torch_load
 
 HEAD_DIM = 64  # every OpenAI CLIP uses 64-dim heads
 # Keys the OpenAI TorchScript archives carry next to the weights.

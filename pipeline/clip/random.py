@@ -2,7 +2,7 @@
 
 No pretrained weights exist on the machines this project is tested on, so tests, the demo and
 the benchmarks build random models of real (or tiny) shapes and load them through the real
-checkpoint path of ``pipeline.clip``.
+checkpoint path of ``pipeline.clip.model``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .clip import CLIP, CLIPArch
-from .io import atomic_open
+from .model import CLIP, CLIPArch
+from ..io import atomic_open
 
 VIT_B_16 = CLIPArch(embed_dim=512, vision_width=768, vision_layers=12, patch_size=16, grid=14,
                     context_length=77, vocab_size=49408, text_width=512, text_layers=12)

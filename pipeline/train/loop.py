@@ -28,8 +28,8 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from . import checkpoint as ckpt_io
-from .io import check_output_folder, code_version, write_bytes, write_json
+from .. import checkpoint as ckpt_io
+from ..io import check_output_folder, code_version, write_bytes, write_json
 from .losses import LOSSES, ONE, Pool, affinity_labels, affinity_loss, segmentation_loss  # noqa: F401  (re-exported)
 
 # Every key a config may set; YAML files and --set overrides are merged onto this.
@@ -49,8 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "train": {"batch_size": 4, "accum": 1, "seed": 1, "loss": "ce", "amp": "auto", "device": "auto",
               "ckpt_every": 2000, "keep_checkpoints": 2, "log_every": 20, "val_every": 2000,
               "val_max_images": None, "aff_weight": 0.0, "aff_radius": 8},
-    # online pseudo labels (pipeline/online): method null = labels from data.pseudo / ground truth;
-    # null settings take the method's own defaults (pipeline/online/<method>.py)
+    # online pseudo labels (pipeline/train/online): method null = labels from data.pseudo / ground truth;
+    # null settings take the method's own defaults (pipeline/train/online/<method>.py)
     "online": {"method": None, "refine": None, "layer_filter": None, "static_layers": None, "filter_layers": None,
                "switch_iter": None, "box_threshold": None, "exact_boxes": None, "par_iterations": None,
                # ExCEL only: diversity-loss targets from the segmentation, text enrichment
@@ -142,7 +142,7 @@ def check_config(cfg: Mapping) -> None:
                    ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-    from .models import check_model_config
+    from ..models import check_model_config
 
     try:
         check_model_config(cfg["model"], d["normalize"])
@@ -246,8 +246,8 @@ def peak_memory_mb(device: torch.device) -> float | None:
 # -------------------------------------------------------------------------------------- data
 def open_data(cfg: Mapping, log: Callable[[str], None]):
     """(dataset, train samples, val samples) from the ``data`` section."""
-    from .datasets import build_dataset
-    from .segdata import make_samples
+    from ..data.datasets import build_dataset
+    from ..data.segdata import make_samples
 
     d = cfg["data"]
     if not d["root"]:
@@ -275,7 +275,7 @@ def open_data(cfg: Mapping, log: Callable[[str], None]):
 def image_level_samples(ds, split: str) -> tuple[list[str], list[list[int]]]:
     """(image paths, ascending 0-based classes) of ``split`` for online training: the dataset's
     image-level labels (VOC XML, labels file), never its masks; every problem listed in one error."""
-    from .datasets import Dataset, SampleError
+    from ..data.datasets import Dataset, SampleError
 
     if getattr(ds, "_labels", None) is None and type(ds)._own_labels is Dataset._own_labels:
         raise ConfigError(f"{ds.root}: online training reads image-level labels, and this {ds.name} dataset has them "
@@ -297,7 +297,7 @@ def image_level_samples(ds, split: str) -> tuple[list[str], list[list[int]]]:
 
 
 def aug_config(d: Mapping):
-    from .segdata import AugConfig
+    from ..data.segdata import AugConfig
 
     return AugConfig(crop=int(d["crop"] or 0), scale_range=tuple(d["scale_range"]) if d["scale_range"] else None,
                      scales=tuple(d["scales"]) if d["scales"] else None, flip=bool(d["flip"]),
@@ -347,9 +347,9 @@ class RunLog:
 # ------------------------------------------------------------------------------------ the loop
 def validate(model: nn.Module, samples, cfg: Mapping, device: torch.device, num_classes: int) -> float:
     """mIoU (0..1) of ``model`` on validation samples with the ``val`` inference settings."""
-    from .infer import InferConfig, predict_image
-    from .metrics import confusion_matrix, mean_iou
-    from .segdata import read_pair
+    from ..eval.infer import InferConfig, predict_image
+    from ..eval.metrics import confusion_matrix, mean_iou
+    from ..data.segdata import read_pair
 
     icfg = InferConfig.from_dict({**cfg["val"], "normalize": cfg["data"]["normalize"]})
     conf = np.zeros((num_classes, num_classes), np.int64)
@@ -367,7 +367,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
           label_maker=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train per ``cfg`` into ``out_dir``; returns {iteration, loss, val_miou (0..1), checkpoint, seconds}.
 
-    With ``online.method`` set, each batch's labels are made while training (``pipeline.online``) from
+    With ``online.method`` set, each batch's labels are made while training (``pipeline.train.online``) from
     the images' image-level labels; ``label_maker`` replaces the configured one (tests).
 
     ``stop_at``: save and return after this iteration (the schedule still spans ``schedule.iters``;
@@ -375,8 +375,8 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     """
     from tqdm import tqdm
 
-    from .models import build_model, trainable_parameters
-    from .segdata import ResumableBatchSampler, SegTrainSet, validate_samples
+    from ..models import build_model, trainable_parameters
+    from ..data.segdata import ResumableBatchSampler, SegTrainSet, validate_samples
 
     cfg = copy.deepcopy(dict(cfg))
     check_config(cfg)
@@ -418,7 +418,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
 
     # -- model, optimiser, state ----------------------------------------------------------------
     if online and clip_model is None:
-        from .clip import load_clip
+        from ..clip.model import load_clip
 
         if not cfg["model"]["clip"]:
             raise ConfigError("model.clip: path to the CLIP checkpoint (ViT-B-16.pt) is required for "
@@ -473,7 +473,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     workers = int(cfg["data"]["workers"])
     if online:
         from .online import OnlineBatch
-        from .segdata import ImageLevelTrainSet
+        from ..data.segdata import ImageLevelTrainSet
 
         train_set = ImageLevelTrainSet(*train_samples, n_cls - 1, aug_config(cfg["data"]), seed)
     else:

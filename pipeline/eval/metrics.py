@@ -16,8 +16,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .classes import IGNORE_INDEX
-from .io import write_bytes
+from ..classes import IGNORE_INDEX
+from ..io import write_bytes
 
 BG_MODES = ("power", "const")
 # eval_cam.py's sweeps: power tau for CAA-refined ('attn') maps, wider for raw GradCAM, constant planes.
@@ -205,8 +205,8 @@ def nan_to_none(values: Iterable[float]) -> list:
 # ------------------------------------------------------------------------------- split runners
 # Workers get paths, read their own files and send back small confusion matrices.
 def _cam_task(task: tuple, cam_key: str, taus: Sequence[float], bg: str, num_classes: int):
-    from .camfile import load_cams, upsample_cams
-    from .pseudo import read_gt
+    from ..data.camfile import load_cams, upsample_cams
+    from ..labels.pseudo import read_gt
 
     image_id, cam_path, gt_path = task
     try:
@@ -224,8 +224,8 @@ def _cam_task(task: tuple, cam_key: str, taus: Sequence[float], bg: str, num_cla
 
 
 def _pseudo_task(task: tuple, num_classes: int):
-    from .labelio import read_label
-    from .pseudo import read_gt
+    from ..data.labelio import read_label
+    from ..labels.pseudo import read_gt
 
     image_id, label_path, gt_path = task
     try:
@@ -247,7 +247,7 @@ def evaluate_cams(dataset, ids: Sequence[str], cams_dir: str | Path, *, taus: Se
                   progress: bool = True) -> dict:
     """Seed quality over a split (eval_cam.py): confusion per tau, summed over images; the best tau is
     an oracle choice (picked on the evaluated labels). Returns {taus, miou, best_tau, conf, errors, ...}."""
-    from .pseudo import run_tasks
+    from ..labels.pseudo import run_tasks
 
     taus = tuple(taus) if taus else default_taus(bg, refined=cam_key == "cams")
     n = dataset.classes.num_classes + 1
@@ -270,7 +270,7 @@ def evaluate_pseudo(dataset, ids: Sequence[str], pseudo_dir: str | Path, *, n_jo
                     progress: bool = True) -> dict:
     """Pseudo-label quality: mIoU on confident pixels, coverage (share of pixels not 255) and mIoU with
     255 read as background. Returns {miou_confident, coverage, miou_bg255, conf, conf_bg255, errors, ...}."""
-    from .pseudo import run_tasks
+    from ..labels.pseudo import run_tasks
 
     n = dataset.classes.num_classes + 1
     conf, conf_bg = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)

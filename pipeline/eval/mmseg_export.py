@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from .classes import IGNORE_INDEX, palette
-from .io import code_version, write_bytes
+from ..classes import IGNORE_INDEX, palette
+from ..io import code_version, write_bytes
 
 
 class ExportError(ValueError):

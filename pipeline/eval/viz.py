@@ -14,8 +14,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .classes import IGNORE_INDEX, palette
-from .io import write_bytes
+from ..classes import IGNORE_INDEX, palette
+from ..io import write_bytes
 
 CAPTION_H = 20
 HEAT_ALPHA = 0.5
@@ -115,11 +115,11 @@ class VizTask:
 def panel_one(task: VizTask, names: Sequence[str], tile_h: int,
               banner: str = "") -> tuple[str, float | None, str | None]:
     """Worker: read what exists for one image, write its panel PNG. Returns (id, IoU or None, error)."""
-    from .camfile import load_cams, upsample_cams
-    from .datasets import read_mask
-    from .labelio import read_label
+    from ..data.camfile import load_cams, upsample_cams
+    from ..data.datasets import read_mask
+    from ..data.labelio import read_label
     from .metrics import confusion_matrix, mean_iou
-    from .image import load_rgb
+    from ..data.image import load_rgb
 
     try:
         image = load_rgb(task.image)
@@ -156,8 +156,8 @@ def run_viz(dataset, ids: Sequence[str], out_dir: str | Path, *, cams_dir: str |
             progress: bool = True, banner: str = "") -> dict:
     """Write ``<out_dir>/<id>.png`` panels and ``<out_dir>/index.html``; returns {done, failed, errors, index}.
     ``banner``: a warning printed on every panel and atop the page (the demo's random weights)."""
-    from .io import write_errors
-    from .pseudo import run_tasks
+    from ..io import write_errors
+    from ..labels.pseudo import run_tasks
 
     out_dir = Path(out_dir)
     tasks = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import DATA_DIR, IGNORE_INDEX, ClassList, builtin
+from ..classes import DATA_DIR, IGNORE_INDEX, ClassList, builtin
 from .labelio import read_label
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

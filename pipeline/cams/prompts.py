@@ -14,11 +14,11 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .cams.gradcam import class_scores
-from .classes import DATA_DIR, ClassList
-from .clip import CLIP
-from .io import write_bytes
-from .text import encode_grid
+from .gradcam import class_scores
+from ..classes import DATA_DIR, ClassList
+from ..clip.model import CLIP
+from ..io import write_bytes
+from ..clip.text import encode_grid
 
 TEMPLATES_FILE = DATA_DIR / "templates.txt"
 
@@ -212,13 +212,13 @@ def run_prompts(cfg: PromptsConfig) -> tuple[Ranking, dict[str, str]]:
     import numpy as np
     from tqdm import tqdm
 
-    from .cams.gradcam import CAMConfig, CAMEngine
-    from .camfile import upsample_cams
-    from .clip import load_clip, resolve_device
-    from .datasets import SampleError, build_dataset, read_mask
-    from .image import ImageError, load_for_model
-    from .io import sha256_file, write_errors, write_manifest
-    from .metrics import TAUS_RAW, cam_sweep_confusions, mean_iou
+    from .gradcam import CAMConfig, CAMEngine
+    from ..data.camfile import upsample_cams
+    from ..clip.model import load_clip, resolve_device
+    from ..data.datasets import SampleError, build_dataset, read_mask
+    from ..data.image import ImageError, load_for_model
+    from ..io import sha256_file, write_errors, write_manifest
+    from ..eval.metrics import TAUS_RAW, cam_sweep_confusions, mean_iou
 
     device, dtype = resolve_device(cfg.device, cfg.precision)
     data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks)

@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from .classes import ClassList
-from .clip import CLIP, acc_dtype
+from ..classes import ClassList
+from .model import CLIP, acc_dtype
 from .tokenizer import tokenize
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import atomic_open
+from ..io import atomic_open
 
 # sample name -> VOC classes present (first-appearance order, as an annotation would list them)
 SAMPLES = {

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .classes import IGNORE_INDEX
+from ..classes import IGNORE_INDEX
 from .image import CLIP_MEAN, CLIP_STD, load_rgb
 from .labelio import read_label
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .io import load_npz, save_npz
+from ..io import load_npz, save_npz
 
 REQUIRED = ("keys", "cams", "image_size")
 

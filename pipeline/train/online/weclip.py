@@ -21,8 +21,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..affinity import box_masks, layer_filter, refine_batch, transition_matrix
-from ..par import par
+from ...labels.affinity import box_masks, layer_filter, refine_batch, transition_matrix
+from ...labels.par import par
 from . import CAMSource, InitialCAMs, LabelMaker, OnlineBatch, OnlineLabels
 
 REFINE = ("both", "attention", "decoder", "none")

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .classes import IGNORE_INDEX
+from ..classes import IGNORE_INDEX
 
 LOSSES = ("ce", "bgfg")
 

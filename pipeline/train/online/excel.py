@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..cams.excel import ExcelEngine
-from ..models.excel import dynamic_relation
+from ...cams.excel import ExcelEngine
+from ...models.excel import dynamic_relation
 from . import InitialCAMs, OnlineBatch, OnlineLabels, pad_maps
 from .weclip import WeCLIPConfig, WeCLIPLabels
 
@@ -84,7 +84,7 @@ def engine_config(model_cfg: Mapping[str, Any], classes, box_threshold: float, d
                   online: Mapping[str, Any]):
     """The CAM method's settings that make its calibrated pass the model's training pass; the text
     enrichment from the ``online`` section (``tse``, ``descriptions``, ``attribute_bank``)."""
-    from ..cams.excel import make_config
+    from ...cams.excel import make_config
 
     options = {"calibrated_blocks": int(model_cfg.get("calibrated_blocks", 5)),
                "attention_layers": int(model_cfg.get("attention_layers", 6)), "pos_via": model_cfg.get("pos_via", 20),

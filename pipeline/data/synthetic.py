@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 
 from .camfile import save_cams
-from .classes import IGNORE_INDEX, ClassList, builtin
+from ..classes import IGNORE_INDEX, ClassList, builtin
 from .datasets import VOCDataset, read_id_list, read_mask
-from .io import write_bytes
+from ..io import write_bytes
 from .labelio import write_label
 
 PATCH = 16

@@ -1,7 +1,7 @@
 """Online pseudo labels: label makers that turn each training batch into label maps while the
 segmentation model learns (single-stage training, as WeCLIP CVPR 2024 and ExCEL CVPR 2025 train).
 
-The training loop (``pipeline.train``) runs the model's training forward, which also returns the
+The training loop (``pipeline.train.loop``) runs the model's training forward, which also returns the
 frozen encoder pass and the decoder's patch affinity, then asks the label maker for the batch's labels:
 
     maker = build_label_maker(cfg["online"], clip, classes)
@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
-from ..clip import Intermediates
+from ...clip.model import Intermediates
 
 METHODS = ("weclip", "excel")
 
@@ -113,7 +113,7 @@ def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | N
     calibrated pass and relations) and the dataset name (its text descriptions)."""
     method = cfg.get("method")
     if method == "excel":
-        from ..cams.excel import ExcelEngine
+        from ...cams.excel import ExcelEngine
         from .excel import ExcelCAMSource, ExcelLabelConfig, ExcelLabels, engine_config
 
         ecfg = ExcelLabelConfig.from_dict(cfg, ExcelLabelConfig.box_threshold)
@@ -127,7 +127,7 @@ def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | N
 
         wcfg = WeCLIPConfig.from_dict(cfg, classes.box_threshold)
         if cams is None:
-            from ..cams.gradcam import CAMConfig, CAMEngine
+            from ...cams.gradcam import CAMConfig, CAMEngine
 
             # no CAA inside the engine: RFM refines the GradCAM maps; fp32/bf16 arithmetic, no fp16 emulation
             cams = GradCAMSource(CAMEngine(clip, classes, CAMConfig(box_threshold=wcfg.box_threshold, exact=False)))

@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .classes import palette
-from .io import write_bytes
+from ..classes import palette
+from ..io import write_bytes
 
 FORMATS = ("palette", "gray")
 

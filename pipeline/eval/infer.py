@@ -1,5 +1,5 @@
 """Inference for trained segmentation models: multi-scale + flip, sliding window, optional dense CRF,
-palette PNG outputs, and mIoU against ground truth through ``pipeline.metrics`` (as WeCLIP's
+palette PNG outputs, and mIoU against ground truth through ``pipeline.eval.metrics`` (as WeCLIP's
 test_msc_flip_voc.py and deeplab-pytorch's test script).
 
 Per image: optional resize of the long side (WeCLIP: 512), then for each scale s the logits of the
@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt_io
-from .classes import IGNORE_INDEX
-from .crf import BACKENDS, DEFAULT_MAX_PIXELS, CRFParams, crf_scores, preset, resolve_backend, scores_argmax
-from .image import load_rgb
-from .io import write_bytes
-from .labelio import FORMATS, write_label
-from .segdata import normalize
+from .. import checkpoint as ckpt_io
+from ..classes import IGNORE_INDEX
+from ..labels.crf import BACKENDS, DEFAULT_MAX_PIXELS, CRFParams, crf_scores, preset, resolve_backend, scores_argmax
+from ..data.image import load_rgb
+from ..io import write_bytes
+from ..data.labelio import FORMATS, write_label
+from ..data.segdata import normalize
 from .viz import overlay
 
 
@@ -261,7 +261,7 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
     checkpoint already read with ``checkpoint.load``.
 
     ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine)."""
-    from .models import build_model
+    from ..models import build_model
 
     ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
     meta = ck["meta"]
@@ -286,7 +286,7 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
     Returns {total, done, failed, seconds, images_per_s, conf (or None), errors {id: message}}."""
     from tqdm import tqdm
 
-    from .datasets import read_mask
+    from ..data.datasets import read_mask
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")

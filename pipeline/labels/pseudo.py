@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import crf
-from .camfile import check_cams, load_cams, upsample_cams
+from ..data.camfile import check_cams, load_cams, upsample_cams
 from .crf import DEFAULT_MAX_PIXELS
-from .datasets import Dataset, SampleError, read_mask
-from .image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, target_size
-from .io import check_manifest, check_output_folder, write_errors, write_manifest
-from .labelio import FORMATS, write_label
-from .procs import worker_init
+from ..data.datasets import Dataset, SampleError, read_mask
+from ..data.image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, target_size
+from ..io import check_manifest, check_output_folder, write_errors, write_manifest
+from ..data.labelio import FORMATS, write_label
+from ..procs import worker_init
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def par_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray, i
     argmax -> uint8 (H, W) labels 0 / c + 1, no 255."""
     import torch
 
-    from .cams.excel import preprocess
+    from ..cams.excel import preprocess
     from .par import par
 
     H, W = image_rgb.shape[:2]

@@ -1,0 +1,1 @@
+"""Segmentation training: the loop, its losses and the online label makers."""
