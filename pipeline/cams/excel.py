@@ -22,21 +22,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..labels.affinity import box_masks, mean_attention, refine, transition_matrix
 from .gradcam import CAMResult
 from ..classes import DATA_DIR, ClassList
 from ..clip.model import CLIP, Calibrated
-from ..data.image import CLIP_MEAN, CLIP_STD, DEFAULT_MAX_PATCHES, load_image, target_size
+from ..data.image import DEFAULT_MAX_PATCHES, load_image, normalize_then_resize, target_size
 from ..io import sha256_file
 from ..clip.text import encode_prompts
 from . import tse
 from .tse import DROP
 
 CUDA_PRECISION = "fp32"  # the reference runs this CLIP in fp32
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ATTRIBUTES = {"voc": 112, "coco": 224}  # the reference's bank sizes
 ATTRIBUTES_PER_CLASS = 5.6              # others: VOC's ratio
 
@@ -127,25 +124,13 @@ def manifest(config: ExcelConfig) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- images
-def preprocess(rgb: np.ndarray, size: tuple[int, int], exact: bool = True) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> normalised float32 (3, h', w'): normalise at full resolution (ImageNet
-    statistics when ``exact``, as the reference, else CLIP's), then bilinear (align_corners=False)
-    to ``size`` = (h', w')."""
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if exact else (CLIP_MEAN, CLIP_STD)
-    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-    return x
-
-
 def load_for_model(path: str | Path, input_size: int | None = None, max_patches: int = DEFAULT_MAX_PATCHES,
                    exact: bool = True, exif_transpose: bool = False) -> tuple[torch.Tensor, tuple[int, int]]:
     """One image for the ExCEL method: (float32 (3, h', w'), original (H, W))."""
     img = load_image(path, exif_transpose).convert("RGB")
     H, W = img.height, img.width
     size = (input_size, input_size) if input_size else target_size(H, W, max_patches)
-    return preprocess(np.asarray(img), size, exact), (H, W)
+    return normalize_then_resize(np.asarray(img), size, exact), (H, W)
 
 
 def image_loader(config: ExcelConfig, max_patches: int, exif_transpose: bool):

@@ -17,6 +17,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so CRF workers st
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ExCEL normalises with ImageNet's statistics on 0-1 RGB
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH = 16
 # ViT-B/16 at this many patches needs ~1 GB for one block's attention; larger images are scaled down.
 DEFAULT_MAX_PATCHES = 4096
@@ -101,3 +104,18 @@ def preprocess(img: Image.Image, size: tuple[int, int], exact: bool = True) -> t
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+def normalize_then_resize(rgb: np.ndarray, size: tuple[int, int], exact: bool = True) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> normalised float32 (3, h', w'): normalise at full resolution (ImageNet
+    statistics when ``exact``, as ExCEL's reference, else CLIP's), then bilinear (align_corners=False)
+    to ``size`` = (h', w')."""
+    import torch
+    import torch.nn.functional as F
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if exact else (CLIP_MEAN, CLIP_STD)
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
+    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+    return x

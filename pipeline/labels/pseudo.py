@@ -22,7 +22,7 @@ from . import crf
 from ..data.camfile import check_cams, load_cams, upsample_cams
 from .crf import DEFAULT_MAX_PIXELS
 from ..data.datasets import Dataset, SampleError, read_mask
-from ..data.image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, target_size
+from ..data.image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, normalize_then_resize, target_size
 from ..io import check_manifest, check_output_folder, write_errors, write_manifest
 from ..data.labelio import FORMATS, write_label
 from ..procs import worker_init
@@ -122,13 +122,12 @@ def par_label(image_rgb: np.ndarray, keys: np.ndarray, cams_patch: np.ndarray, i
     argmax -> uint8 (H, W) labels 0 / c + 1, no 255."""
     import torch
 
-    from ..cams.excel import preprocess
     from .par import par
 
     H, W = image_rgb.shape[:2]
     cams = upsample_cams(cams_patch, (H, W), np.float32)
     scores = np.concatenate([(1 - cams.max(axis=0, keepdims=True)) ** power, cams])
-    guide = preprocess(image_rgb, (input_size, input_size) if input_size else (H, W))
+    guide = normalize_then_resize(image_rgb, (input_size, input_size) if input_size else (H, W))
     with torch.no_grad():
         refined = par(guide[None], torch.from_numpy(scores)[None])[0]
     keys_ext = np.concatenate([[0], np.asarray(keys, np.int64) + 1]).astype(np.uint8)
