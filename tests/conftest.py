@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random CLIPs written to disk in OpenAI's formats, small VOC-layout folders."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def strict_device():
+    """``with strict_device():`` makes every tensor created without ``device=`` land on 'meta', so code that
+    should follow its inputs' device but makes a tensor on the default one fails on CPU inputs (mixing
+    meta and cpu raises), the same way it would fail with CUDA inputs. Build models before entering."""
+    import torch
+
+    @contextlib.contextmanager
+    def ctx():
+        before = torch.get_default_device()
+        torch.set_default_device("meta")
+        try:
+            yield
+        finally:
+            torch.set_default_device(before)
+
+    return ctx
 
 
 @pytest.fixture(scope="session")
