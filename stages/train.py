@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip.model import CheckpointError
     from pipeline.data.datasets import SampleError
-    from pipeline.train.loop import dist_env, load_config, train
+    from pipeline.train.config import load_config
+    from pipeline.train.distributed import dist_env
+    from pipeline.train.loop import train
 
     shortcuts = [f"data.root={args.root}" if args.root else "", f"data.dataset={args.dataset}" if args.dataset else "",
                  f"data.pseudo={args.pseudo}" if args.pseudo else "", f"model.clip={args.clip}" if args.clip else "",

@@ -1,7 +1,7 @@
 """Online pseudo labels: label makers that turn each training batch into label maps while the
 segmentation model learns (single-stage training, as WeCLIP CVPR 2024 and ExCEL CVPR 2025 train).
 
-The training loop (``pipeline.train.loop``) runs the model's training forward, which also returns the
+The training loop (``pipeline.train.step_online``) runs the model's training forward, which also returns the
 frozen encoder pass and the decoder's patch affinity, then asks the label maker for the batch's labels:
 
     maker = build_label_maker(cfg["online"], clip, classes)
