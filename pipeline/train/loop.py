@@ -16,7 +16,6 @@ devices), ``inputs`` (data, checks, the batch stream), ``step`` with ``step_offl
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
@@ -51,8 +50,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
 
     from ..models import build_model, trainable_parameters
 
-    cfg = copy.deepcopy(dict(cfg))
-    check_config(cfg)
+    cfg = check_config(cfg)
     proc = distributed.start(cfg["train"]["device"])
     say = log if proc.rank == 0 else (lambda *_: None)
     out = check_output_folder(out_dir)
