@@ -261,15 +261,19 @@ def _override(item: str) -> tuple[str, dict]:
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
-    """defaults <- YAML file <- overrides -> the checked config (plain dict of sections)."""
-    cfg = OmegaConf.structured(Config)
+    """defaults <- YAML file <- overrides -> the checked config (plain dict of sections); every key the
+    file or an override sets must be one the run reads (``check_config``)."""
+    cfg, given = OmegaConf.structured(Config), set()
     if path:
         path = Path(path)
-        cfg = _merge(cfg, _read(path), str(path))
+        doc = _read(path)
+        cfg = _merge(cfg, doc, str(path))
+        given |= set(flatten(doc))
     for item in overrides:
-        _, doc = _override(item)
+        key, doc = _override(item)
         cfg = _merge(cfg, doc, f"override {item}")
-    return check_config(OmegaConf.to_container(cfg, resolve=True))
+        given.add(".".join(key.split(".")[:2]))
+    return check_config(OmegaConf.to_container(cfg, resolve=True), given)
 
 
 def typed(cfg: Mapping) -> dict:
@@ -279,9 +283,39 @@ def typed(cfg: Mapping) -> dict:
 
 
 # ---------------------------------------------------------------------------------- the check
-def check_config(cfg: Mapping) -> dict:
-    """The typed ``cfg``, refusing values that would train silently wrong (``ConfigError`` naming the key)."""
+def unread_keys(cfg: Mapping) -> dict[str, str]:
+    """Keys the chosen model, online method and optimiser do not read -> why, naming who reads them.
+    What each one reads is declared next to it (``models.CONFIG_KEYS``, ``online.CONFIG_KEYS``,
+    ``optim.CONFIG_KEYS``); keys none of them declares are read by every run."""
+    from ..models import CONFIG_KEYS as MODEL_KEYS
+    from .online import CONFIG_KEYS as METHOD_KEYS
+    from .optim import CONFIG_KEYS as OPTIM_KEYS
+
+    scopes = (("model", cfg["model"]["name"], "the {} model", MODEL_KEYS),
+              ("online", cfg["online"]["method"], "online method {}", METHOD_KEYS),
+              ("optim", cfg["optim"]["name"], "optimiser {}", OPTIM_KEYS))
+    out = {}
+    for section, chosen, who, declared in scopes:
+        table = {name: {k if "." in k else f"{section}.{k}" for k in keys} for name, keys in declared.items()}
+        whom = who.format(chosen) if chosen else "offline training (online.method: null)"
+        for key in sorted(set().union(*table.values()) - table.get(chosen, set())):
+            readers = ", ".join(name for name, keys in table.items() if key in keys)
+            out[key] = f"{key}: {whom} does not read it (read by {readers})"
+    return out
+
+
+def check_config(cfg: Mapping, given: set[str] | None = None) -> dict:
+    """The typed ``cfg``, refusing values that would train silently wrong (``ConfigError`` naming the key),
+    among them keys that are set (the dotted keys in ``given``; None: those that differ from their
+    default) but that the run does not read."""
     cfg = typed(cfg)
+    if given is None:
+        base = flatten(defaults())
+        given = {k for k, v in flatten(cfg).items() if base.get(k) != v}
+    unread = [why for key, why in unread_keys(cfg).items() if key in given]
+    if unread:
+        raise ConfigError("; ".join(unread) + f": remove {'it' if len(unread) == 1 else 'them'} (nothing would read "
+                          f"{'it' if len(unread) == 1 else 'them'})")
     t, s, d = cfg["train"], cfg["schedule"], cfg["data"]
     if t["loss"] not in LOSSES:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {t['loss']!r}")
@@ -293,17 +327,26 @@ def check_config(cfg: Mapping) -> dict:
         raise ConfigError(f"data.supervision must be pseudo (labels from data.pseudo) or gt, got {d['supervision']!r}")
     if cfg["model"]["statistics"] not in ("batch", "image"):
         raise ConfigError(f"model.statistics must be batch or image, got {cfg['model']['statistics']!r}")
+    model = cfg["model"]["name"]
+    from ..models import MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"model.name must be one of {', '.join(MODELS)}, got {model!r}")
     online = cfg["online"]["method"]
     if online is not None:
-        from .online import METHODS
+        from .online import METHODS, check_settings
 
         if online not in METHODS:
             raise ConfigError(f"online.method must be one of {', '.join(METHODS)} or null, got {online!r}")
-    model = cfg["model"]["name"]
-    if online is not None and model != online:
-        raise ConfigError(f"online.method={online} makes labels for model.name={online}, not {model}")
-    if t["aff_weight"] and model not in ("weclip", "excel"):
-        raise ConfigError(f"the affinity loss (train.aff_weight) needs model.name weclip or excel, not {model}")
+        if model != online:
+            raise ConfigError(f"online.method={online} makes labels for model.name={online}, not {model}")
+        if d["supervision"] == "gt":
+            raise ConfigError(f"data.supervision=gt trains on ground-truth masks, online.method={online} on labels it "
+                              "makes from image-level labels: drop one of them")
+        try:
+            check_settings(cfg["online"], cfg["model"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for key, v in (("schedule.iters", s["iters"]), ("schedule.lr_step", s["lr_step"]),
                    ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if v < 1:
@@ -320,7 +363,7 @@ def check_config(cfg: Mapping) -> dict:
 # ------------------------------------------------------------------------------------- resume
 def flatten(cfg: Mapping) -> dict[str, Any]:
     """{'optim': {'lr': 0.001}} -> {'optim.lr': 0.001} (sections hold keys; mapping values stay whole)."""
-    return {f"{s}.{k}": v for s, section in cfg.items() for k, v in section.items()}
+    return {f"{s}.{k}": v for s, section in cfg.items() if isinstance(section, Mapping) for k, v in section.items()}
 
 
 def resume_differences(old: Mapping, new: Mapping) -> list[str]:

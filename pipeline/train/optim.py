@@ -6,6 +6,10 @@ from typing import Mapping
 import torch
 from torch import nn
 
+# The `optim` keys each optimiser reads besides name, lr, head_lr_mult and weight_decay (the training
+# config check refuses the others).
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {"adamw": ("betas", "eps"), "sgd": ("momentum",)}
+
 
 def lr_factor(step: int, iters: int, warmup_iters: int, warmup_ratio: float, power: float, every: int = 1) -> float:
     """WeCLIP's learning-rate factor at 0-based ``step``: linear warm-up from ``warmup_ratio`` over
