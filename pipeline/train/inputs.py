@@ -3,8 +3,10 @@ training samples (label files or image-level labels), the validation samples; ch
 before anything trains."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
+from ..io import sha256_file
 from .config import ConfigError
 from .distributed import Process
 
@@ -44,6 +46,42 @@ def check_inputs(step, val_samples, num_classes: int, proc: Process) -> None:
         except ValueError as e:
             problem = e
     proc.raise_together(problem)
+
+
+def fingerprints(cfg: Mapping, step) -> dict[str, Any]:
+    """What the run depends on beyond its config, by content: the CLIP file's sha256 (None without one,
+    or when it is missing: the loader names it) and the label files' identity (``LabelStep.identity``).
+    Recorded at the start of the run, in ``config.json`` and every checkpoint's meta (``inputs``)."""
+    clip = Path(cfg["model"]["clip"]).expanduser() if cfg["model"]["clip"] else None
+    return {"clip_sha256": sha256_file(clip) if clip is not None and clip.is_file() else None,
+            "pseudo": step.identity()}
+
+
+def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any], cfg: Mapping) -> list[str]:
+    """Why inputs recorded by a run (``old``) and today's (``new``) are not the same content, one line each;
+    a side that recorded nothing (no CLIP file, ground truth) is not compared."""
+    out = []
+    a, b = old.get("clip_sha256"), new.get("clip_sha256")
+    if a and b and a != b:
+        out.append(f"model.clip {cfg['model']['clip']} is not the CLIP the run started with (sha256 {b[:16]}..., "
+                   f"the run's {a[:16]}...)")
+    a, b = old.get("pseudo"), new.get("pseudo")
+    if a and b and a != b:
+        where = f"data.pseudo {cfg['data']['pseudo']}"
+        if "manifest" in a and "manifest" in b:
+            keys = _differing(a["manifest"], b["manifest"])
+            out.append(f"{where} holds labels made with another configuration than the run's (its manifest "
+                       f"differs in: {', '.join(keys)})")
+        else:
+            out.append(f"{where} holds other label files than the run's (their content differs)")
+    return out
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested mappings differ."""
+    if not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+        return [] if a == b else [prefix.rstrip(".") or "(all)"]
+    return [k for key in sorted(set(a) | set(b)) for k in _differing(a.get(key), b.get(key), f"{prefix}{key}.")]
 
 
 def aug_config(d: Mapping):

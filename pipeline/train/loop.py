@@ -24,11 +24,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..io import check_output_folder, code_version, write_json
+from ..io import check_output_folder
 from . import distributed, state
 from .config import check_config
 from .device import amp_dtype, peak_memory_mb, seed_all
-from .inputs import check_inputs, open_inputs, training_batches
+from .inputs import check_inputs, fingerprints, open_inputs, training_batches
 from .optim import build_optimizer, set_lr
 from .runlog import RunLog
 from .step import StepSettings, train_step
@@ -61,6 +61,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     ds, step, val_samples = open_inputs(cfg, say)
     class_names = ["background", *ds.classes.names]
     check_inputs(step, val_samples, len(class_names), proc)
+    inputs = fingerprints(cfg, step)
 
     clip_model = step.clip(clip_model)
     model = build_model(cfg["model"], len(class_names), clip=clip_model, log=say).to(proc.device)
@@ -69,11 +70,10 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     optimizer = build_optimizer(model, cfg["optim"])
     dtype = amp_dtype(t_cfg["amp"], proc.device)
     scaler = torch.amp.GradScaler(proc.device.type, enabled=dtype == torch.float16)
-    meta = state.run_meta(cfg, model, class_names)
+    meta = state.run_meta(cfg, model, class_names, inputs)
     ckdir = out / "checkpoints"
-    start = state.restore(ckdir, cfg, class_names, model, optimizer, scaler, resume, proc, seed, say)
-    if proc.rank == 0:
-        write_json(out / "config.json", {"config": cfg, "code_version": code_version(), "world_size": proc.world})
+    start = state.restore(ckdir, cfg, inputs, class_names, model, optimizer, scaler, resume, proc, seed, say)
+    state.begin(out, cfg, inputs, proc)
     if proc.world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)

@@ -8,32 +8,46 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from .. import checkpoint as ckpt_io
+from ..io import code_version, write_json
 from .config import ConfigError, resume_differences
 from .device import seed_all
 from .distributed import Process
+from .inputs import fingerprint_differences
 
 
-def run_meta(cfg: Mapping[str, Any], model: nn.Module, class_names: list[str]) -> dict[str, Any]:
-    """The checkpoint meta that inference reads (``pipeline.checkpoint``)."""
+def run_meta(cfg: Mapping[str, Any], model: nn.Module, class_names: list[str], inputs: Mapping[str, Any]
+             ) -> dict[str, Any]:
+    """The checkpoint meta that inference reads (``pipeline.checkpoint``); ``inputs``: the run's
+    ``inputs.fingerprints``."""
     return {"model": cfg["model"], "family": getattr(model, "family", cfg["model"]["name"]),
             "num_classes": len(class_names), "class_names": class_names, "normalize": cfg["data"]["normalize"],
-            "infer": cfg["infer"], "config": cfg}
+            "infer": cfg["infer"], "config": cfg, "inputs": dict(inputs)}
 
 
-def restore(ckdir: Path, cfg: Mapping[str, Any], class_names: list[str], model: nn.Module, optimizer, scaler,
-            resume: bool, proc: Process, seed: int, say: Callable[[str], None]) -> int:
-    """Load the newest checkpoint of ``ckdir`` into the model, optimiser, scaler and RNGs when
-    ``resume``; returns the iteration to start from. Refuses a checkpoint of another model, class list or
-    configuration, and (without ``resume``) a folder that already holds a run."""
+def restore(ckdir: Path, cfg: Mapping[str, Any], inputs: Mapping[str, Any], class_names: list[str],
+            model: nn.Module, optimizer, scaler, resume: bool, proc: Process, seed: int,
+            say: Callable[[str], None]) -> int:
+    """Load the newest checkpoint of ``ckdir`` (``checkpoint.newest``) into the model, optimiser, scaler
+    and RNGs when ``resume``; returns the iteration to start from. Refuses a checkpoint of another model,
+    class list, configuration or ``inputs`` (fingerprints compared by content), and (without ``resume``)
+    a folder that already holds a run."""
     out = ckdir.parent
-    pointer = ckdir / ckpt_io.LATEST
-    if resume and pointer.is_file():
-        ck = ckpt_io.load(ckdir)
+    found = ckpt_io.newest(ckdir) if ckdir.is_dir() else None
+    if resume and found is not None:
+        ck = ckpt_io.load(found)
         ckpt_io.check_compatible(ck, cfg["model"]["name"], class_names)
         diff = resume_differences(ck["meta"]["config"], cfg)
         if diff:
             raise ConfigError(f"{ck['path']}: cannot resume with a different configuration (differs in: "
                               f"{', '.join(diff)}); use another output folder")
+        if "inputs" in ck["meta"]:
+            changed = fingerprint_differences(ck["meta"]["inputs"], inputs, cfg)
+            if changed:
+                raise ConfigError(f"{ck['path']}: cannot resume with other inputs: {'; '.join(changed)}; give the "
+                                  "run's own, or use another output folder")
+        else:
+            say(f"resume: {ck['path']} records no input fingerprints (saved before they were recorded): the CLIP "
+                "file and the pseudo labels are not compared")
         ckpt_io.load_model_state(model, ck["model"], ck["path"])
         optimizer.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
@@ -48,10 +62,20 @@ def restore(ckdir: Path, cfg: Mapping[str, Any], class_names: list[str], model: 
         return start
     if resume:
         say(f"--resume: {out} holds no checkpoint yet (checkpoints/{ckpt_io.LATEST}); starting a new run there")
-    elif pointer.is_file():
-        raise ConfigError(f"{out} already holds a run (checkpoints/{ckpt_io.LATEST}); pass --resume to continue "
+    elif found is not None:
+        raise ConfigError(f"{out} already holds a run (checkpoints/{found.name}); pass --resume to continue "
                           "it, or choose another output folder")
     return 0
+
+
+def begin(out: Path, cfg: Mapping[str, Any], inputs: Mapping[str, Any], proc: Process) -> None:
+    """Rank 0, once the run may go on: the temp files of writes a kill interrupted go, ``config.json``
+    records the config and the inputs' fingerprints."""
+    if proc.rank == 0:
+        for folder in (out, out / "checkpoints"):
+            ckpt_io.remove_temporaries(folder)
+        write_json(out / "config.json", {"config": cfg, "inputs": dict(inputs), "code_version": code_version(),
+                                         "world_size": proc.world})
 
 
 def save(model: nn.Module, optimizer, scaler, meta: Mapping[str, Any], step: int, schedule: Mapping, ckdir: Path,

@@ -26,6 +26,9 @@ class LabelStep(Protocol):
     def prepare(self, clip_model: nn.Module | None, classes, label_maker=None) -> None:
         """Ready the labels once the model is built and on its device."""
 
+    def identity(self) -> dict[str, Any] | None:
+        """The label files' identity by content (None: no label files), recorded for ``--resume``."""
+
     def check(self, num_classes: int) -> None:
         """Refuse unusable training inputs before training (rank 0), naming the files."""
 

@@ -2,6 +2,8 @@
 pseudo-label stage's output) or, with ``data.supervision: gt``, from the ground-truth mask."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,6 +26,7 @@ class OfflineStep:
             if not Path(d["pseudo"]).expanduser().is_dir():
                 raise FileNotFoundError(f"{d['pseudo']}: pseudo-label folder not found (run make pseudo first)")
         labels_dir = Path(d["pseudo"]).expanduser() if d["supervision"] == "pseudo" else None
+        self.labels_dir = labels_dir
         self.samples = make_samples(ds, ds.ids(d["split"]), labels_dir)
         self.size = len(self.samples)
         self.source = "ground truth" if labels_dir is None else str(labels_dir)
@@ -34,6 +37,21 @@ class OfflineStep:
 
     def prepare(self, clip_model: nn.Module | None, classes, label_maker=None) -> None:
         """Nothing to prepare: the labels come with the batches."""
+
+    def identity(self) -> dict[str, Any] | None:
+        """What the pseudo labels are, by content, not by path (None for the ground truth): the
+        configuration in the folder's manifest (the pseudo-label stage's: its settings and its CAMs'),
+        else, for a folder made elsewhere, the sha256 of the training split's label files."""
+        if self.labels_dir is None:
+            return None
+        try:
+            return {"manifest": json.loads((self.labels_dir / "manifest.json").read_text())["config"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            digest = hashlib.sha256()
+            for s in self.samples:
+                digest.update(f"{s.image_id}\n".encode())
+                digest.update(Path(s.label).read_bytes())
+            return {"files_sha256": digest.hexdigest()}
 
     def check(self, num_classes: int) -> None:
         from ..data.segdata import validate_samples

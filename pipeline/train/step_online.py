@@ -25,6 +25,9 @@ class OnlineStep:
         self.num_classes = len(ds.classes.names)   # foreground classes
         self.maker = None
 
+    def identity(self) -> None:
+        """No label files: the labels come from the dataset's image-level labels and the CLIP."""
+
     def check(self, num_classes: int) -> None:
         """Nothing left to check: the samples were checked when listed (image-level labels, no label maps)."""
 
