@@ -35,6 +35,7 @@ def test_values_take_their_keys_types():
     ("schedule.itres=5", r"unknown key 'itres' in schedule; the nearest known key is schedule\.iters"),
     ("optm.lr=1", r"unknown key 'optm'; the nearest known key is optim"),
     ("model=3", r"model is a section"),
+    ("data.root=/d/${USER}/voc", r"data\.root: Interpolation key 'USER' not found"),
 ])
 def test_bad_overrides_name_the_key(item, match):
     with pytest.raises(ConfigError, match=match):

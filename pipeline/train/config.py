@@ -242,8 +242,8 @@ def _read(path: Path) -> dict:
     """A YAML config file as a mapping of sections (an empty section counts as none)."""
     try:
         doc = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config ({e})") from e
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: cannot read config ({str(e).splitlines()[0]})") from e
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a config file is a mapping of sections (model:, data:, ...), not a list")
     return {k: v for k, v in doc.items() if v is not None}
@@ -273,13 +273,22 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict:
         key, doc = _override(item)
         cfg = _merge(cfg, doc, f"override {item}")
         given.add(".".join(key.split(".")[:2]))
-    return check_config(OmegaConf.to_container(cfg, resolve=True), given)
+    return check_config(_container(cfg), given)
+
+
+def _container(cfg) -> dict:
+    """The plain dict of an OmegaConf config, ``${...}`` interpolations resolved (``${oc.env:HOME}``)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]} (a literal $ followed by {{ is read as an "
+                          "interpolation)") from None
 
 
 def typed(cfg: Mapping) -> dict:
     """``cfg`` with every key of ``Config``, each value converted to its key's type (``ConfigError``
     for an unknown key or a value that does not convert)."""
-    return OmegaConf.to_container(_merge(OmegaConf.structured(Config), cfg, "config"), resolve=True)
+    return _container(_merge(OmegaConf.structured(Config), cfg, "config"))
 
 
 # ---------------------------------------------------------------------------------- the check
