@@ -318,13 +318,6 @@ def check_config(cfg: Mapping, given: set[str] | None = None) -> dict:
     among them keys that are set (the dotted keys in ``given``; None: those that differ from their
     default) but that the run does not read."""
     cfg = typed(cfg)
-    if given is None:
-        base = flatten(defaults())
-        given = {k for k, v in flatten(cfg).items() if base.get(k) != v}
-    unread = [why for key, why in unread_keys(cfg).items() if key in given]
-    if unread:
-        raise ConfigError("; ".join(unread) + f": remove {'it' if len(unread) == 1 else 'them'} (nothing would read "
-                          f"{'it' if len(unread) == 1 else 'them'})")
     t, s, d = cfg["train"], cfg["schedule"], cfg["data"]
     if t["loss"] not in LOSSES:
         raise ConfigError(f"train.loss must be one of {LOSSES}, got {t['loss']!r}")
@@ -352,6 +345,14 @@ def check_config(cfg: Mapping, given: set[str] | None = None) -> dict:
         if d["supervision"] == "gt":
             raise ConfigError(f"data.supervision=gt trains on ground-truth masks, online.method={online} on labels it "
                               "makes from image-level labels: drop one of them")
+    if given is None:
+        base = flatten(defaults())
+        given = {k for k, v in flatten(cfg).items() if base.get(k) != v}
+    unread = [why for key, why in unread_keys(cfg).items() if key in given]
+    if unread:
+        raise ConfigError("; ".join(unread) + f": remove {'it' if len(unread) == 1 else 'them'} (nothing would read "
+                          f"{'it' if len(unread) == 1 else 'them'})")
+    if online is not None:
         try:
             check_settings(cfg["online"], cfg["model"])
         except ValueError as e:
