@@ -1,6 +1,6 @@
-"""The training run's inputs from the ``data`` section: the dataset, the step kind that lists the
-training samples (label files or image-level labels), the validation samples; checked in full
-before anything trains."""
+"""The training run's inputs: the dataset, the step kind that lists the training samples (label files
+or image-level labels), the validation samples, checked in full before anything trains; and their
+fingerprints by content (the CLIP file, the label files), which ``--resume`` compares."""
 from __future__ import annotations
 
 from pathlib import Path
