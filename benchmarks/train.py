@@ -42,8 +42,10 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     import torch
 
     from pipeline.models import build_model, trainable_parameters
-    from pipeline.train.losses import affinity_labels, affinity_loss
-    from pipeline.train.loop import amp_dtype, autocast, build_optimizer, load_config, model_loss, segmentation_loss
+    from pipeline.train.config import load_config
+    from pipeline.train.device import amp_dtype, autocast
+    from pipeline.train.losses import affinity_labels, affinity_loss, model_loss, segmentation_loss
+    from pipeline.train.optim import build_optimizer
 
     s = SETTINGS[name]
     dev = torch.device(device)

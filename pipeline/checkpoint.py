@@ -2,12 +2,14 @@
 
 A checkpoint is a torch file (read with ``weights_only=True``) holding::
 
-    format, meta {model (config section), num_classes, class_names, normalize, config}, iteration,
-    model (state_dict without frozen parts, e.g. WeCLIP's CLIP encoder), optimizer, scaler, scheduler,
-    rng [per-rank {torch, cuda, numpy, python}]
+    format, meta {model (config section), num_classes, class_names, normalize, config,
+    inputs {clip_sha256, pseudo}}, iteration, model (state_dict without frozen parts, e.g. WeCLIP's CLIP
+    encoder), optimizer, scaler, scheduler, rng [per-rank {torch, cuda, numpy, python}]
 
 A run folder keeps ``checkpoints/iter_XXXXXXX.pt`` and ``checkpoints/latest.json`` pointing to the
-newest; both are written atomically, the pointer last, so a killed run always resumes from a whole file.
+newest; both are written atomically (temp file, then rename), the pointer last. A run killed between
+the two leaves a whole checkpoint newer than its pointer: ``newest`` finds it, and a killed write's
+temp file goes with ``remove_temporaries`` when the run continues.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import UnreadableWeights, atomic_open, torch_load, write_json
+from .io import UnreadableWeights, atomic_open, sha256_file, torch_load, write_json
 
 FORMAT = "wsss-seg-checkpoint/1"
 LATEST = "latest.json"
@@ -89,14 +91,33 @@ def save(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def newest(folder: str | Path) -> Path | None:
+    """The newest whole checkpoint in a checkpoints folder: the file ``latest.json`` names, or a newer
+    ``iter_*.pt`` (files are renamed into place whole, so any of them is one; a run killed after writing
+    a checkpoint but before its pointer leaves it newer than the pointer's). None when there is none."""
+    folder = Path(folder)
+    found = sorted(folder.glob("iter_*.pt"))[-1:]
+    pointer = folder / LATEST
+    if pointer.is_file():
+        found.append(folder / json.loads(pointer.read_text())["file"])
+    found = [f for f in found if f.is_file()]
+    return max(found, key=lambda f: f.name) if found else None
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Delete the temp files that killed atomic writes left in ``folder`` (``.<name>.<random>.tmp``)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or a run folder / its checkpoints folder -> the file ``latest.json`` names."""
+    """A checkpoint file, or a run folder / its checkpoints folder -> its newest checkpoint (``newest``)."""
     path = Path(path).expanduser()
-    for folder in (path / "checkpoints", path):
-        pointer = folder / LATEST
-        if path.is_dir() and pointer.is_file():
-            name = json.loads(pointer.read_text())["file"]
-            return folder / name
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            found = newest(folder) if folder.is_dir() else None
+            if found is not None:
+                return found
     if path.is_file():
         return path
     raise FileNotFoundError(f"{path}: no checkpoint file, and no checkpoints/{LATEST} in it (has the run saved one?)")
@@ -135,6 +156,20 @@ def check_compatible(ckpt: Mapping[str, Any], model_name: str, class_names: list
     if list(meta["class_names"]) != list(class_names):
         raise CheckpointMismatch(f"{src}: checkpoint has {meta['num_classes']} classes ({', '.join(meta['class_names'][:5])}"
                                  f", ...), this run has {len(class_names)} ({', '.join(class_names[:5])}, ...)")
+
+
+def check_clip(meta: Mapping[str, Any], clip: str | Path | None, source: str) -> None:
+    """Refuse a CLIP file whose content is not the one the checkpoint's run trained with (the sha256 in
+    ``meta['inputs']``), naming both. Not checked: checkpoints saved before the sha256 was recorded, models
+    without CLIP, and a missing file (the loader names it)."""
+    want = (meta.get("inputs") or {}).get("clip_sha256")
+    path = Path(clip).expanduser() if clip else None
+    if not want or path is None or not path.is_file():
+        return
+    got = sha256_file(path)
+    if got != want:
+        raise CheckpointMismatch(f"{path}: not the CLIP that {source} was trained with (sha256 {got[:16]}..., the "
+                                 f"run's {want[:16]}...); pass the run's CLIP file (--clip, CLIP=)")
 
 
 def write_latest(folder: str | Path, file: str, iteration: int) -> None:

@@ -5,7 +5,8 @@
         --set model.pretrained=~/models/resnet101.pth --set schedule.iters=20000
     torchrun --nproc_per_node 4 -m stages.train --config ...        # DDP (NCCL on GPUs, gloo on CPUs)
 
---set section.key=value overrides any config key (values parsed as YAML). --resume continues the run
+--set section.key=value overrides any config key (the value read as YAML and typed by its key: 1e-3 is a
+float; a value of another type, or an unknown key, is refused naming the key). --resume continues the run
 in --out exactly where its last checkpoint left it. Exit status: 0 done, 2 bad config or inputs.
 """
 from __future__ import annotations
@@ -44,7 +45,9 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip.model import CheckpointError
     from pipeline.data.datasets import SampleError
-    from pipeline.train.loop import dist_env, load_config, train
+    from pipeline.train.config import load_config
+    from pipeline.train.distributed import dist_env
+    from pipeline.train.loop import train
 
     shortcuts = [f"data.root={args.root}" if args.root else "", f"data.dataset={args.dataset}" if args.dataset else "",
                  f"data.pseudo={args.pseudo}" if args.pseudo else "", f"model.clip={args.clip}" if args.clip else "",

@@ -18,7 +18,10 @@ from pipeline.eval.infer import checkpoint_infer_config, predict_image
 from pipeline.models import DeepLab, build_model, load_pretrained
 from pipeline.models.msc import fuse_max, nearest_labels
 from pipeline.data.segdata import AugConfig, augment, denormalize, normalize
-from pipeline.train.loop import ConfigError, build_optimizer, load_config, lr_factor, model_loss, train
+from pipeline.train.config import ConfigError, load_config
+from pipeline.train.losses import model_loss
+from pipeline.train.loop import train
+from pipeline.train.optim import build_optimizer, lr_factor
 from seg_helpers import make_data, overrides
 
 

@@ -15,7 +15,8 @@ import torch
 from pipeline import checkpoint as ckpt_io
 from pipeline.train.losses import Pool, affinity_labels, affinity_loss, segmentation_loss
 from pipeline.clip.random import TINY, random_clip, save_clip
-from pipeline.train.loop import load_config, train
+from pipeline.train.config import load_config
+from pipeline.train.loop import train
 from seg_helpers import assert_same_weights, log_rows, make_data, overrides, torchrun_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,7 +25,10 @@ from pipeline.models.excel import dynamic_relation, feature_affinity
 from pipeline.train.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
 from pipeline.train.online.excel import ExcelLabelConfig
 from pipeline.clip.random import TINY, VIT_B_16, random_clip
-from pipeline.train.loop import ConfigError, aug_config, build_optimizer, load_config, train
+from pipeline.train.config import ConfigError, load_config
+from pipeline.train.inputs import aug_config
+from pipeline.train.loop import train
+from pipeline.train.optim import build_optimizer
 from seg_helpers import injected_attention, injected_crop_cams, log_rows, make_data, overrides
 from stages.predict import add_infer_args, infer_overrides
 

@@ -26,7 +26,8 @@ from pipeline.models import build_model
 from pipeline.labels.pseudo import PseudoConfig
 from pipeline.clip.random import TINY, random_clip, save_clip
 from pipeline.cams.stage import run_cams, shard_ids
-from pipeline.train.loop import load_config, segmentation_loss
+from pipeline.train.config import load_config
+from pipeline.train.losses import segmentation_loss
 from reference import ReferenceCLIP, reference_cams, reference_text
 from stages import cams as cams_stage
 from stages import pseudo as pseudo_stage

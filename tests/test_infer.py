@@ -13,7 +13,8 @@ from pipeline.eval import metrics
 from pipeline.labels.crf import CRFParams
 from pipeline.data.datasets import build_dataset, read_mask
 from pipeline.eval.infer import InferConfig, crf_refine, evaluate_model, msc_logits, tile_starts, window_logits
-from pipeline.train.loop import load_config, train
+from pipeline.train.config import load_config
+from pipeline.train.loop import train
 from seg_helpers import make_data, overrides
 
 

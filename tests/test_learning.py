@@ -10,7 +10,8 @@ not chance. Measured when written: WeCLIP (tiny random CLIP) 0.62, DeepLabV2 (1-
 import pytest
 
 from pipeline.clip.random import TINY, random_clip
-from pipeline.train.loop import load_config, train
+from pipeline.train.config import load_config
+from pipeline.train.loop import train
 from seg_helpers import make_data, overrides
 
 MARGIN = 0.03

@@ -10,7 +10,9 @@ from pipeline.clip.model import CLIP
 from pipeline.models import DeepLab, WeCLIPSeg, build_model, decoder_param_count, load_pretrained, trainable_parameters
 from pipeline.models.deeplab import ResNet
 from pipeline.clip.random import TINY, VIT_B_16, random_clip
-from pipeline.train.loop import build_optimizer, load_config, lr_factor, segmentation_loss
+from pipeline.train.config import load_config
+from pipeline.train.losses import segmentation_loss
+from pipeline.train.optim import build_optimizer, lr_factor
 
 
 def test_weclip_voc_decoder_has_spec_parameter_count_on_vit_b16():

@@ -15,7 +15,9 @@ from pipeline.classes import IGNORE_INDEX
 from pipeline.data.datasets import build_dataset
 from pipeline.train.online import InitialCAMs, build_label_maker, pad_maps
 from pipeline.clip.random import TINY, random_clip
-from pipeline.train.loop import aug_config, load_config, train
+from pipeline.train.config import load_config
+from pipeline.train.inputs import aug_config
+from pipeline.train.loop import train
 from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, log_rows, make_data,
                           overrides, torchrun_train)
 
@@ -95,7 +97,8 @@ def test_offline_weclip_takes_the_affinity_loss_from_label_pngs(data, tmp_path):
 
 
 def test_online_mode_refuses_datasets_whose_labels_live_in_masks(data, tmp_path):
-    from pipeline.train.loop import ConfigError, image_level_samples
+    from pipeline.train.config import ConfigError
+    from pipeline.train.step_online import image_level_samples
 
     ds = build_dataset("coco", data["root"], data["classes"])
     with pytest.raises(ConfigError, match="labels file"):
@@ -238,7 +241,7 @@ def test_online_ddp_two_processes_equal_one_process_at_the_global_batch(data, tm
 
 
 def test_folder_dataset_image_level_labels_from_csv(tmp_path):
-    from pipeline.train.loop import image_level_samples
+    from pipeline.train.step_online import image_level_samples
 
     (tmp_path / "imgs").mkdir()
     for i in ("a", "b"):

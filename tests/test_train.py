@@ -8,7 +8,8 @@ from PIL import Image
 from pipeline import checkpoint as ckpt_io
 from pipeline.clip.random import TINY, random_clip
 from pipeline.data.segdata import AugConfig, ResumableBatchSampler, augment
-from pipeline.train.loop import ConfigError, load_config, train
+from pipeline.train.config import ConfigError, load_config
+from pipeline.train.loop import train
 from seg_helpers import log_rows, make_data, overrides, torchrun_train
 
 

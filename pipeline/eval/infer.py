@@ -260,7 +260,8 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
     """(eval-mode model on ``device``, checkpoint meta) from a checkpoint file or run folder, or a
     checkpoint already read with ``checkpoint.load``.
 
-    ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine)."""
+    ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine); a
+    file whose content differs from the run's CLIP is refused (``checkpoint.check_clip``)."""
     from ..models import build_model
 
     ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
@@ -268,6 +269,7 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
     model_cfg = dict(meta["model"])
     if clip:
         model_cfg["clip"] = str(clip)
+    ckpt_io.check_clip(meta, model_cfg.get("clip"), ck["path"])
     model_cfg["pretrained"] = None  # the checkpoint holds the trained weights
     model = build_model(model_cfg, int(meta["num_classes"]), log=lambda *_: None)
     ckpt_io.load_model_state(model, ck["model"], ck["path"])

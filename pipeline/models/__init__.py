@@ -19,10 +19,21 @@ from .deeplab import LAYOUTS, RESNET101, DeepLab, LoadReport, load_pretrained, r
 from .excel import ExcelSeg
 from .weclip import WeCLIPDecoder, WeCLIPSeg, decoder_param_count
 
-MODELS = ("weclip", "excel", "deeplabv2", "deeplabv3plus")
+# The config keys each model reads besides model.name: names in the `model` section, dotted names in
+# others (train.aff_weight: the model has the patch affinity the affinity loss trains). The training
+# config check refuses a key the chosen model does not read, so a model plugs in by listing its keys
+# here and building in ``build_model``.
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "weclip": ("clip", "encoder_blocks", "width", "heads", "depth", "dropout", "train.aff_weight"),
+    "excel": ("clip", "width", "heads", "depth", "dropout", "calibrated_blocks", "attention_layers", "pos_via",
+              "eval_pos_via", "exact", "statistics", "relation_scale", "train.aff_weight"),
+    "deeplabv2": ("layers", "base_width", "layout", "msc_scales", "freeze_bn", "pretrained"),
+    "deeplabv3plus": ("layers", "base_width", "layout", "msc_scales", "freeze_bn", "pretrained"),
+}
+MODELS = tuple(CONFIG_KEYS)
 # The input convention each ResNet layout's pretrained files expect (segdata.NORMALIZATIONS keys).
 LAYOUT_INPUTS = {"caffe": "caffe", "torchvision": "imagenet"}
-__all__ = ["MODELS", "LAYOUT_INPUTS", "build_model", "check_model_config", "trainable_parameters", "DeepLab",
+__all__ = ["MODELS", "CONFIG_KEYS", "LAYOUT_INPUTS", "build_model", "check_model_config", "trainable_parameters", "DeepLab",
            "WeCLIPSeg", "WeCLIPDecoder", "ExcelSeg", "decoder_param_count", "load_pretrained", "LoadReport",
            "RESNET101"]
 

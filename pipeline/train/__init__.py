@@ -1,1 +1,2 @@
-"""Segmentation training: the loop, its losses and the online label makers."""
+"""Segmentation training: the loop (``loop.train``) and its steps, the config, the losses and the online
+label makers (``online``)."""

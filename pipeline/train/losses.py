@@ -16,7 +16,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..checkpoint import unwrap
 from ..classes import IGNORE_INDEX
 
 LOSSES = ("ce", "bgfg")
@@ -59,6 +61,14 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str = "c
     counts = pool.share(torch.stack([m.sum() for m in masks]))
     terms = [ce[m].sum() / n for m, n in zip(masks, counts) if n > 0]
     return sum(terms) / len(terms) if terms else ce.sum() * 0
+
+
+def model_loss(model: nn.Module, outputs, labels: torch.Tensor, kind: str = "ce", pool: Pool = ONE) -> torch.Tensor:
+    """``segmentation_loss`` of the model's outputs, through the model's ``training_loss`` hook when it
+    has one (DeepLab's multi-scale outputs: a sum over scales at their own resolutions)."""
+    hook = getattr(unwrap(model), "training_loss", None)
+    loss_fn = lambda lg, lb: segmentation_loss(lg, lb, kind, pool)  # noqa: E731
+    return hook(outputs, labels, loss_fn) if hook else loss_fn(outputs, labels)
 
 
 def affinity_labels(labels: torch.Tensor, grid: tuple[int, int], radius: int = 8) -> torch.Tensor:

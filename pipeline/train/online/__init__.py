@@ -1,7 +1,7 @@
 """Online pseudo labels: label makers that turn each training batch into label maps while the
 segmentation model learns (single-stage training, as WeCLIP CVPR 2024 and ExCEL CVPR 2025 train).
 
-The training loop (``pipeline.train.loop``) runs the model's training forward, which also returns the
+The training loop (``pipeline.train.step_online``) runs the model's training forward, which also returns the
 frozen encoder pass and the decoder's patch affinity, then asks the label maker for the batch's labels:
 
     maker = build_label_maker(cfg["online"], clip, classes)
@@ -23,6 +23,14 @@ import torch
 from ...clip.model import Intermediates
 
 METHODS = ("weclip", "excel")
+# The `online` keys each method reads besides `method`. The training config check refuses the others,
+# so a method plugs in by listing its keys here (and its settings' own check in ``check_settings``).
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "weclip": ("refine", "layer_filter", "static_layers", "filter_layers", "switch_iter", "box_threshold",
+               "exact_boxes", "par_iterations"),
+    "excel": ("refine", "layer_filter", "static_layers", "filter_layers", "switch_iter", "box_threshold",
+              "exact_boxes", "par_iterations", "segmentation_targets_from", "tse", "descriptions", "attribute_bank"),
+}
 
 
 @dataclass
@@ -103,6 +111,26 @@ class LabelMaker(ABC):
     @abstractmethod
     def __call__(self, batch: OnlineBatch, outputs: Mapping[str, Any], iteration: int) -> OnlineLabels:
         ...
+
+
+def check_settings(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None:
+    """Refuse ``online`` settings the method cannot run with the ``model`` section's, before anything
+    is loaded (``ValueError`` naming the keys): the label config's own checks, and for ExCEL no more
+    attention maps than its calibrated pass records (``model.attention_layers``)."""
+    method = cfg.get("method")
+    if method == "excel":
+        from .excel import ExcelLabelConfig
+
+        ecfg = ExcelLabelConfig.from_dict(cfg, ExcelLabelConfig.box_threshold)
+        n_maps, recorded = max(ecfg.static_layers, ecfg.filter_layers), int(model_cfg.get("attention_layers", 6))
+        if ecfg.refine != "none" and n_maps > recorded:
+            raise ValueError(f"online.static_layers / filter_layers ({ecfg.static_layers} / {ecfg.filter_layers}) "
+                             f"exceed model.attention_layers ({recorded}), the blocks whose attention ExCEL's pass "
+                             "records: raise model.attention_layers or lower them")
+    elif method == "weclip":
+        from .weclip import WeCLIPConfig
+
+        WeCLIPConfig.from_dict(cfg, WeCLIPConfig.box_threshold)
 
 
 def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | None = None,

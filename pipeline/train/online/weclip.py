@@ -31,16 +31,17 @@ REFINE = ("both", "attention", "decoder", "none")
 @dataclass(frozen=True)
 class WeCLIPConfig:
     """switch_iter: first (0-based) training iteration of the second phase. The reference switches
-    when a forward counter passes 15000 (VOC) / 40000 (COCO), but that counter also counts its
-    validation forwards (1464 VOC images every 2000 iterations), so on VOC it switches at training
-    iteration 9145; the paper's value is the nominal 15000. exact_boxes: RFM's box masks as the
+    when a forward counter passes 15000 (VOC) / 40000 (COCO), but on VOC that counter also counts its
+    validation forwards (1464 images after every 2000 iterations), so it switches at 0-based training
+    iteration 9144; the paper's value is the nominal 15000. Its COCO script never validates: 40000 there
+    is exact. exact_boxes: RFM's box masks as the
     reference draws them, never including the grid's last row and column (False: whole boxes)."""
 
     refine: str = "both"
     layer_filter: bool = True
     static_layers: int = 8
     filter_layers: int = 6
-    switch_iter: int = 9145
+    switch_iter: int = 9144
     box_threshold: float = 0.4
     exact_boxes: bool = True
     sinkhorn_rounds: int = 3
