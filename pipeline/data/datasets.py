@@ -163,6 +163,7 @@ class Dataset:
     """Common interface; subclasses say where files are."""
 
     name = "dataset"
+    layout = ""  # the expected layout, for the message of ``require``
 
     def __init__(self, root: str | Path, classes: ClassList, labels_file: str | Path | None = None):
         self.root = Path(root).expanduser()
@@ -209,22 +210,16 @@ class Dataset:
             raise ValueError(f"{self.root}: this {self.name} dataset root has no {'; no '.join(gaps)}; "
                              f"check ROOT= (--root){self.layout}")
 
-    layout = ""  # the expected layout, for the message of ``require``
-
     def ids(self, split: str) -> list[str]:
         """Ids of ``split``: a path to an id list, a list shipped in data/splits/<dataset>/, or the
         dataset's own listing; an id listed twice is used once (and reported)."""
-        p = Path(split).expanduser()
-        source = str(p)
-        if p.is_file():
-            ids = read_id_list(p)
-        else:
-            shipped = DATA_DIR / "splits" / self.name / f"{split}.txt"
-            source = str(shipped)
-            ids = read_id_list(shipped) if shipped.is_file() else self.default_ids(split)
+        source = Path(split).expanduser()
+        if not source.is_file():
+            source = DATA_DIR / "splits" / self.name / f"{split}.txt"
+        ids = read_id_list(source) if source.is_file() else self.default_ids(split)
         if not ids:
             raise ValueError(f"split {split!r} of {self.name} has no image ids")
-        return unique_ids(ids, source)
+        return unique_ids(ids, str(source))
 
     def labels(self, image_id: str) -> list[int]:
         """Foreground labels of an image, 0-based, in the reference's order; never empty."""
