@@ -20,7 +20,7 @@ MODEL   ?= weclip
 CONFIG  ?= configs/$(MODEL)_$(DATASET).yaml
 RUN     ?= outputs/$(DATASET)/train/$(basename $(notdir $(CONFIG)))
 # NPROC=N: one process per GPU under torchrun (make cams, make train)
-LAUNCH   = $(if $(NPROC),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(NPROC),$(PY))
+LAUNCH   = $(if $(NPROC),$(PY) -m stages.launch --standalone --nproc_per_node $(NPROC),$(PY))
 
 # $(call q,VALUE): VALUE as one single-quoted shell word, whatever it contains
 q = '$(subst ','"'"',$(1))'
@@ -34,6 +34,13 @@ PSEUDO_DIR  = $(or $(LABELS),outputs/$(DATASET)/pseudo$(METHOD_DIR))
 PAR_FLAG    = $(if $(filter excel,$(METHOD)),--refine par)
 NEED_ROOT   = @test -n $(call q,$(ROOT)) || { echo "ROOT=/path/to/dataset is required (e.g. ROOT=~/data/VOC2012)"; exit 2; }
 NEED_CLIP   = @test -n $(call q,$(CLIP)) || { echo "CLIP=/path/to/ViT-B-16.pt is required (see README: Weights)"; exit 2; }
+# make train without CONFIG=: configs/<MODEL>_<DATASET>.yaml must exist (a folder dataset brings its own)
+MODELS      = weclip weclip-online excel deeplab
+NO_MODEL    = error: MODEL=$(MODEL) is not a model; choose one of: $(MODELS)
+NO_CONFIG   = error: there is no $(CONFIG) for DATASET=$(DATASET); copy configs/$(MODEL)_voc.yaml, set its data \
+	section (dataset: $(DATASET), classes, labels, pseudo) and pass CONFIG=that-file
+NEED_CONFIG = $(if $(or $(filter-out file,$(origin CONFIG)),$(wildcard $(CONFIG))),,@echo $(call q,$(if \
+	$(filter $(MODEL),$(MODELS)),$(NO_CONFIG),$(NO_MODEL))) >&2; exit 2)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test cams cams-pseudo attributes prompts pseudo eval viz train predict export-mmseg demo bench
@@ -120,6 +127,7 @@ viz:
 		$(call opt,--out,$(or $(OUT),$(if $(METHOD_DIR),outputs/$(DATASET)/viz$(METHOD_DIR)))) $(call opt,-j,$(JOBS)) $(ARGS)
 
 train:
+	$(NEED_CONFIG)
 	$(NEED_ROOT)
 	$(LAUNCH) -m stages.train \
 		--config $(call q,$(CONFIG)) $(DATA_FLAGS) $(call opt,--val-split,$(VAL_SPLIT)) \

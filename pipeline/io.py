@@ -1,20 +1,25 @@
-"""Files: atomic writes, deterministic npz, run manifests and per-image error logs.
+"""Files: atomic writes, deterministic npz, run manifests, per-image error logs and output-folder locks.
 
 Every stage writes through these helpers so that a killed run never leaves a half-written
-file, a re-run can tell finished work from stale work, and nothing needs pickle to read.
+file, a re-run can tell finished work from stale work, two runs never write into one folder,
+and nothing needs pickle to read.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import pickle
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -23,12 +28,17 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.json"
+LOCK = ".lock"
 # Fixed zip member timestamp: identical arrays give byte-identical .npz files.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 class StaleOutputError(RuntimeError):
     """An output folder holds results made with another configuration."""
+
+
+class FolderInUse(RuntimeError):
+    """Another run that is still alive writes into the output folder."""
 
 
 _UMASK_LOCK = threading.Lock()
@@ -142,6 +152,13 @@ def torch_load(path: str | os.PathLike, fix: str = "download or copy it again") 
     path = Path(path)
     if path.stat().st_size == 0:
         raise UnreadableWeights(f"{path}: the file is empty (0 bytes); {fix}")
+    kind = archive_kind(path)
+    if kind == "torchscript":
+        raise UnreadableWeights(f"{path}: this is a TorchScript model archive (OpenAI's CLIP ViT-B-16.pt is one), "
+                                f"not a file of weights of this kind; {fix}")
+    if kind == "npz":
+        raise UnreadableWeights(f"{path}: this is a NumPy .npz archive (a CAM file or an attribute bank, say), not "
+                                f"a PyTorch file; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -151,6 +168,19 @@ def torch_load(path: str | os.PathLike, fix: str = "download or copy it again") 
     except Exception as e:  # truncated zip, EOF, foreign format ...
         raise UnreadableWeights(f"{path}: cannot read weights, the file is truncated or not a PyTorch file "
                                 f"({error_detail(e)}); {fix}") from None
+
+
+def archive_kind(path: str | os.PathLike) -> str | None:
+    """'torchscript' (a zip holding compiled code, as OpenAI's CLIP files), 'npz' (NumPy arrays only),
+    'zip' (another zip, such as torch.save's) or None (not a zip)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    return "npz" if names and all(n.endswith(".npy") for n in names) else "zip"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -244,3 +274,150 @@ def write_errors(out_dir: str | os.PathLike, errors: Mapping[str, str]) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+# ------------------------------------------------------------------------------- one writer per folder
+_HELD: dict[str, list[int]] = {}  # lock file (real path) -> [fd, depth] of the locks this process holds
+
+
+def run_key() -> str | None:
+    """What the processes of one torchrun run share and no other live run has: its run id and the
+    address of its rendezvous store (a port only one live run can hold). None for a single process."""
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return f"{env.get('TORCHELASTIC_RUN_ID', '')}@{env.get('MASTER_ADDR', '')}:{env.get('MASTER_PORT', '')}"
+
+
+@contextlib.contextmanager
+def _flock(fd: int, what: str, timeout: float = 30.0) -> Iterator[None]:
+    """An exclusive ``flock`` on ``fd`` for the length of the block (waits up to ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise FolderInUse(f"{what}: another process keeps the folder locked; try again") from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, name: str = LOCK, flag: str = "--out") -> Iterator[Path]:
+    """Hold ``<folder>/<name>`` for the block: the one writer of ``folder`` (created if needed, and
+    removed again if the block wrote nothing into it).
+
+    An OS lock (``flock``), so the kernel releases it when the process dies, SIGKILL included, and
+    no stale lock survives a run. The file names the holder's pid and command line; a second run
+    gets ``FolderInUse`` quoting them. The processes of one torchrun run (same ``run_key``) share
+    the lock, each holding it until it exits, so a new run is refused while any of them lives.
+    Re-entrant within a process; forked workers inherit it.
+
+    Every holder keeps a shared lock on the file. The folder's own lock serialises taking and removing
+    it: a free file is taken (exclusively, to know nobody holds it, then shared) by one process at a time.
+    """
+    folder = check_output_folder(folder)
+    path = folder / name
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[key][1] -= 1
+        return
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    fd = _acquire(folder, path, flag)
+    _HELD[key] = [fd, 1]
+    try:
+        yield folder
+    finally:
+        del _HELD[key]
+        _release(fd, folder, path, made)
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[bool]:
+    """The folder's own lock for the block; yields False when the folder was removed (or replaced)
+    before the lock was had, so that the caller starts again."""
+    try:
+        gate = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        with _flock(gate, str(folder)):
+            try:
+                same = os.stat(folder).st_ino == os.fstat(gate).st_ino
+            except FileNotFoundError:
+                same = False
+            yield same
+    finally:
+        os.close(gate)
+
+
+def _acquire(folder: Path, path: Path, flag: str) -> int:
+    """Make ``folder`` and take (or join) its lock file -> the open file descriptor holding it."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _folder_locked(folder) as ok:
+            if not ok:
+                continue  # a run that wrote nothing was removing the folder: make it again
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                _take(fd, path, folder, flag)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+
+def _release(fd: int, folder: Path, path: Path, made: list[Path]) -> None:
+    """Give the lock up; a folder this run made and left empty (but for the lock) is removed, with the
+    parents it made, unless another process of the run still holds the lock."""
+    try:
+        if made:
+            with contextlib.suppress(OSError, FolderInUse), _folder_locked(folder) as ok:
+                if ok and os.listdir(folder) == [path.name]:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: not the last holder
+                    os.unlink(path)
+                    for p in made:
+                        os.rmdir(p)  # OSError once a folder is not empty: keep it and those above
+    finally:
+        os.close(fd)  # releases the lock (inherited copies in live workers keep it until they end)
+
+
+def _take(fd: int, path: Path, folder: Path, flag: str) -> None:
+    """Under the folder's lock: take ``path`` (fd) as its first holder, or join the run holding it."""
+    me = run_key()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        if me is None or holder.get("run") != me:
+            command = " ".join(str(holder.get("command", "?")).split())  # one line, however it was typed
+            who = (f"pid {holder['pid']}: {command[:300]}{'...' if len(command) > 300 else ''}" if "pid" in holder
+                   else "its pid is not recorded yet")
+            raise FolderInUse(f"{folder}: another run is writing into this folder ({who}); wait for it to "
+                              f"finish or stop it, or choose another output folder ({flag})") from None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # only shared holders: never blocks
+        return
+    fcntl.flock(fd, fcntl.LOCK_SH)  # no other process can take the file meanwhile: the folder is locked
+    info = json.dumps({"pid": os.getpid(), "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+                       "run": me, "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+
+
+def _holder(fd: int) -> dict[str, Any]:
+    """The record of the run holding a lock file ({} when unreadable)."""
+    try:
+        doc = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}

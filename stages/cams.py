@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from pipeline.clip.model import CheckpointError
-from pipeline.io import StaleOutputError
+from pipeline.io import FolderInUse, StaleOutputError, output_lock
 from pipeline.cams.stage import CamsConfig, run_cams
 from stages.common import fail, print_failures
 from stages.pseudo import add_pseudo_args, pseudo_config
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
     ex.add_argument("--attribute-bank", default=None,
                     help="saved attribute bank (make attributes, or the reference's .pth) instead of clustering the descriptions")
     ex.add_argument("--attributes", type=int, default=None, help="attribute bank size B (default 112 VOC, 224 COCO)")
+    ex.add_argument("--attribute-clustering", choices=("global", "per-class"), default=None,
+                    help="global: one KMeans over all descriptions, as the authors (default); per-class: one per "
+                         "class, each attribute serving one class")
     ex.add_argument("--no-tse", action="store_true", help="plain class prompts, no text semantic enrichment")
     ex.add_argument("--calibrated-blocks", type=int, default=None, help="final blocks with calibrated attention (default 5)")
     ps = p.add_argument_group("pseudo labels straight from the CAMs (make cams-pseudo)")
@@ -84,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
     clipes = {"softmax": not a.no_softmax, "softmax_set": a.softmax_set, "background": not a.no_background,
               "synonyms": not a.no_synonyms, "fusion": a.fusion, "affinity": a.affinity}
     excel = {"input_size": a.input_size, "descriptions": a.descriptions, "attribute_bank": a.attribute_bank,
-             "attributes": a.attributes, "tse": False if a.no_tse else None, "calibrated_blocks": a.calibrated_blocks}
+             "attributes": a.attributes, "attribute_clustering": a.attribute_clustering,
+             "tse": False if a.no_tse else None, "calibrated_blocks": a.calibrated_blocks}
     if a.method == "excel":
         defaults = {"softmax": True, "softmax_set": "present", "background": True, "synonyms": True,
                     "fusion": "sentence", "affinity": "caa"}
@@ -94,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
         cam_options = excel
     else:
         if any(v is not None for v in excel.values()):
-            p.error("--input-size, --descriptions, --attribute-bank, --attributes, --no-tse and --calibrated-blocks "
-                    "are ExCEL options: add --method excel")
+            p.error("--input-size, --descriptions, --attribute-bank, --attributes, --attribute-clustering, --no-tse "
+                    "and --calibrated-blocks are ExCEL options: add --method excel")
         cam_options = clipes
     cam_options = {k: v for k, v in {"template": a.prompt, **cam_options}.items() if v is not None}
     split = a.split or {"voc": "train_aug", "coco": "train", "folder": "all"}[a.dataset]
@@ -112,9 +117,15 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        s = run_cams(cfg)
-    except (StaleOutputError, CheckpointError, OSError, ValueError, ImportError) as e:
+        with contextlib.ExitStack() as locks:
+            for folder, flag in ((cfg.out if cfg.keep_cams else None, "--out"), (cfg.pseudo_out, "--pseudo-out")):
+                if folder:
+                    locks.enter_context(output_lock(folder, flag=flag))
+            s = run_cams(cfg)
+    except (FolderInUse, StaleOutputError, CheckpointError, OSError, ValueError, ImportError) as e:
         return fail(e)
+    if s.rank:  # under torchrun rank 0 reports the whole run
+        return 0
     rate = s.written / s.seconds if s.seconds else 0.0
     print(f"cams: {s.written} written, {s.skipped} already done, {s.failed} failed, "
           f"{s.seconds:.1f} s ({rate:.2f} img/s) -> "

@@ -23,11 +23,12 @@ def add_dataset_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def open_dataset(args: argparse.Namespace):
-    """(dataset, ids) from the flags of ``add_dataset_args``."""
+def open_dataset(args: argparse.Namespace, needs: tuple[str, ...] = ("images",)):
+    """(dataset, ids) from the flags of ``add_dataset_args``; a root without what the stage ``needs``
+    ('images', 'labels', 'masks') is refused."""
     from pipeline.data.datasets import build_dataset
 
-    ds = build_dataset(args.dataset, args.root, args.classes, args.labels, args.masks)
+    ds = build_dataset(args.dataset, args.root, args.classes, args.labels, args.masks, needs)
     return ds, ds.ids(args.split or DEFAULT_SPLIT[args.dataset])
 
 

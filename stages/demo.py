@@ -9,12 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline.clip.model import CheckpointError
 from pipeline.data.datasets import build_dataset
 from pipeline.data.demo import make_demo_voc
 from pipeline.labels.pseudo import PseudoConfig, run_pseudo
 from pipeline.clip.random import TINY, random_clip, save_clip
 from pipeline.cams.stage import CamsConfig, run_cams
 from pipeline.eval.viz import run_viz
+from pipeline.io import FolderInUse, StaleOutputError, output_lock
+from stages.common import fail
 
 BANNER = """
 ############################################################################
@@ -35,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo", help="demo folder (data, CAMs)")
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
+    try:
+        with output_lock(a.out):
+            return _run(a)
+    except (FolderInUse, StaleOutputError, CheckpointError, ValueError, OSError) as e:
+        return fail(e)
+
+
+def _run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     split = make_demo_voc(out / "VOC2012")
     clip = a.clip

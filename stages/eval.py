@@ -39,10 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.eval import metrics as M
-    from pipeline.io import StaleOutputError, check_manifest, write_errors, write_json, write_manifest
+    from pipeline.io import (FolderInUse, StaleOutputError, check_manifest, output_lock, write_errors, write_json,
+                             write_manifest)
 
     try:
-        ds, ids = open_dataset(args)
+        ds, ids = open_dataset(args, needs=("masks",))
         split = Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         names = ["background", *ds.classes.names]
         args.cams = str(Path(args.cams or outputs(args.dataset, "cams")).resolve())
@@ -53,35 +54,36 @@ def main(argv=None) -> int:
         args.root = str(Path(args.root).resolve())
         config = {"stage": "eval", **{k: v for k, v in vars(args).items()
                                       if k not in ("jobs", "no_progress", "out", "overwrite")}}
-        check_manifest(out, config, args.overwrite, outputs="per_class.*")
-        if args.what == "cams":
-            taus = [float(t) for t in args.taus.split(",")] if args.taus else None
-            res = M.evaluate_cams(ds, ids, args.cams, taus=taus, bg=args.bg,
-                                  cam_key=args.cam_key, n_jobs=args.jobs, progress=not args.no_progress)
-            rows = M.per_class_rows(res["conf"], names)
-            summary = {"what": "cams", "split": split, "images": res["evaluated"], "failed": res["failed"],
-                       "bg": res["bg"], "cam_key": res["cam_key"], "taus": res["taus"],
-                       "miou_per_tau": [None if v is None else 100 * v for v in res["miou"]],
-                       "best_tau": res["best_tau"], "miou": 100 * res["best_miou"],
-                       "oracle": "best_tau is chosen on the evaluated ground truth (oracle choice)"}
-            title = f"{args.dataset} {split}: CAM seeds, best tau {res['best_tau']} (oracle)"
-        else:
-            res = M.evaluate_pseudo(ds, ids, args.pseudo, n_jobs=args.jobs,
-                                    progress=not args.no_progress)
-            rows = M.per_class_rows(res["conf"], names)
-            bg_iou = M.class_metrics(res["conf_bg255"])["iou"]
-            for r, v in zip(rows, bg_iou):
-                r["iou_bg255"] = None if v != v else 100 * float(v)
-            summary = {"what": "pseudo", "split": split, "images": res["evaluated"], "failed": res["failed"],
-                       "miou_confident": 100 * res["miou_confident"], "coverage": 100 * res["coverage"],
-                       "miou_bg255": 100 * res["miou_bg255"], "accuracy_confident": 100 * res["accuracy_confident"]}
-            title = f"{args.dataset} {split}: pseudo labels"
-        summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-        M.write_tables(out, "per_class", rows, summary, title)
-        write_json(out / "summary.json", summary)
-        write_errors(out, res["errors"])
-        write_manifest(out, config)
-    except (ValueError, OSError, StaleOutputError) as e:
+        with output_lock(out):
+            check_manifest(out, config, args.overwrite, outputs="per_class.*")
+            if args.what == "cams":
+                taus = [float(t) for t in args.taus.split(",")] if args.taus else None
+                res = M.evaluate_cams(ds, ids, args.cams, taus=taus, bg=args.bg,
+                                      cam_key=args.cam_key, n_jobs=args.jobs, progress=not args.no_progress)
+                rows = M.per_class_rows(res["conf"], names)
+                summary = {"what": "cams", "split": split, "images": res["evaluated"], "failed": res["failed"],
+                           "bg": res["bg"], "cam_key": res["cam_key"], "taus": res["taus"],
+                           "miou_per_tau": [None if v is None else 100 * v for v in res["miou"]],
+                           "best_tau": res["best_tau"], "miou": 100 * res["best_miou"],
+                           "oracle": "best_tau is chosen on the evaluated ground truth (oracle choice)"}
+                title = f"{args.dataset} {split}: CAM seeds, best tau {res['best_tau']} (oracle)"
+            else:
+                res = M.evaluate_pseudo(ds, ids, args.pseudo, n_jobs=args.jobs,
+                                        progress=not args.no_progress)
+                rows = M.per_class_rows(res["conf"], names)
+                bg_iou = M.class_metrics(res["conf_bg255"])["iou"]
+                for r, v in zip(rows, bg_iou):
+                    r["iou_bg255"] = None if v != v else 100 * float(v)
+                summary = {"what": "pseudo", "split": split, "images": res["evaluated"], "failed": res["failed"],
+                           "miou_confident": 100 * res["miou_confident"], "coverage": 100 * res["coverage"],
+                           "miou_bg255": 100 * res["miou_bg255"], "accuracy_confident": 100 * res["accuracy_confident"]}
+                title = f"{args.dataset} {split}: pseudo labels"
+            summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+            M.write_tables(out, "per_class", rows, summary, title)
+            write_json(out / "summary.json", summary)
+            write_errors(out, res["errors"])
+            write_manifest(out, config)
+    except (FolderInUse, ValueError, OSError, StaleOutputError) as e:
         return fail(e)
     print(title)
     print(M.format_table(rows))

@@ -49,34 +49,36 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip.model import CheckpointError
     from pipeline.eval.infer import checkpoint_infer_config, evaluate_model
-    from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_json, write_manifest
+    from pipeline.io import (FolderInUse, StaleOutputError, check_manifest, output_lock, sha256_file, write_errors,
+                             write_json, write_manifest)
     from stages.common import DEFAULT_SPLIT, open_dataset
 
     try:
-        ds, ids = open_dataset(args)
+        ds, ids = open_dataset(args, needs=("images", "masks"))
         split = Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         out = Path(args.out) if args.out else (Path("outputs") / args.dataset / "eval"
                                                / f"model_{ckpt_io.label(ckpt_file)}_{split}{settings_suffix(args)}")
-        # the settings first, so that a folder holding another evaluation is refused before any prediction
-        ck = ckpt_io.load(ckpt_file)   # read once: its settings decide the folder check, its weights the model
-        infer = checkpoint_infer_config(ck["meta"], infer_overrides(args), args.device)
-        config = {"stage": "evaluate_model", "checkpoint_sha256": sha256_file(ckpt_file), "infer": infer.as_dict(),
-                  "root": str(Path(args.root).resolve()), "split": args.split}
-        check_manifest(out, config, args.overwrite, outputs="per_class.*")
-        res = evaluate_model(ck, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
-                             infer=infer, device=args.device, clip=args.clip, progress=not args.no_progress)
-        rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
-        summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
-                   "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],
-                   "scales": list(res["infer"]["scales"]), "flip": res["infer"]["flip"], "crf": res["infer"]["crf"]}
-        summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-        title = f"{args.dataset} {split}: segmentation model"
-        M.write_tables(out, "per_class", rows, summary, title)
-        write_json(out / "summary.json", summary)
-        write_errors(out, res["errors"])
-        write_manifest(out, config, checkpoint=str(ckpt_file))
-    except (ValueError, OSError, CheckpointError, CheckpointMismatch, StaleOutputError) as e:
+        with output_lock(out):
+            # the settings first, so that a folder holding another evaluation is refused before any prediction
+            ck = ckpt_io.load(ckpt_file)   # read once: its settings decide the folder check, its weights the model
+            infer = checkpoint_infer_config(ck["meta"], infer_overrides(args), args.device)
+            config = {"stage": "evaluate_model", "checkpoint_sha256": sha256_file(ckpt_file),
+                      "infer": infer.as_dict(), "root": str(Path(args.root).resolve()), "split": args.split}
+            check_manifest(out, config, args.overwrite, outputs="per_class.*")
+            res = evaluate_model(ck, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
+                                 infer=infer, device=args.device, clip=args.clip, progress=not args.no_progress)
+            rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
+            summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
+                       "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],
+                       "scales": list(res["infer"]["scales"]), "flip": res["infer"]["flip"], "crf": res["infer"]["crf"]}
+            summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+            title = f"{args.dataset} {split}: segmentation model"
+            M.write_tables(out, "per_class", rows, summary, title)
+            write_json(out / "summary.json", summary)
+            write_errors(out, res["errors"])
+            write_manifest(out, config, checkpoint=str(ckpt_file))
+    except (FolderInUse, ValueError, OSError, CheckpointError, CheckpointMismatch, StaleOutputError) as e:
         return fail(e)
     print(title)
     print(M.format_table(rows))

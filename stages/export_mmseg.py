@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.eval.mmseg_export import export
+    from pipeline.io import FolderInUse, output_lock
 
     try:
         ds, ids = open_dataset(args)
@@ -39,8 +40,9 @@ def main(argv=None) -> int:
         val_ids = [] if val_split == "none" else ds.ids(val_split)
         pseudo = Path(args.pseudo) if args.pseudo else outputs(args.dataset, "pseudo")
         out = Path(args.out) if args.out else pseudo.resolve().parent / "mmseg"
-        written = export(ds, ids, val_ids, pseudo, out, args.crop, args.model_config)
-    except (ValueError, OSError) as e:
+        with output_lock(out):
+            written = export(ds, ids, val_ids, pseudo, out, args.crop, args.model_config)
+    except (FolderInUse, ValueError, OSError) as e:
         return fail(e)
     split = args.split or DEFAULT_SPLIT[args.dataset]
     print(f"mmseg dataset for {len(ids)} training ({split}) and {len(val_ids)} validation images:")

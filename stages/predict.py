@@ -14,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.classes import ClassList
-from pipeline.data.datasets import FolderDataset
+from pipeline.data.datasets import image_folder
 from stages.common import DEFAULT_SPLIT, add_dataset_args, fail, open_dataset, print_failures
 
 
@@ -87,36 +86,37 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip.model import CheckpointError
     from pipeline.eval.infer import checkpoint_infer_config, infer_device, load_model, predict_split
-    from pipeline.io import StaleOutputError, check_manifest, sha256_file, write_errors, write_manifest
+    from pipeline.io import (FolderInUse, StaleOutputError, check_manifest, output_lock, sha256_file, write_errors,
+                             write_manifest)
 
     try:
-        device = infer_device(args.device)
-        model, meta = load_model(args.checkpoint, device, args.clip)
-        if args.images:  # the checkpoint knows its classes; no labels are needed to predict
-            names = tuple(meta["class_names"][1:])
-            ds = FolderDataset(args.images, ClassList(names=names, prompts=names, background=()))
-            ids = ds.ids("all")
-            args.dataset = "images"
-        else:
-            ds, ids = open_dataset(args)
-        if list(meta["class_names"]) != ["background", *ds.classes.names]:
-            raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
-                                     f"has {ds.classes.num_classes + 1}")
-        cfg = checkpoint_infer_config(meta, infer_overrides(args), device)
         ckpt_file = ckpt_io.resolve(args.checkpoint)
         source = Path(args.images).resolve().name if args.images else Path(args.split or DEFAULT_SPLIT[args.dataset]).stem
-        out = Path(args.out) if args.out else Path("outputs") / args.dataset / "predict" / ckpt_io.label(ckpt_file) / source
-        config = {"stage": "predict", "checkpoint_sha256": sha256_file(ckpt_file), "infer": cfg.as_dict(),
-                  "format": args.format, "images": str(Path(args.images).resolve()) if args.images else None,
-                  "root": str(Path(args.root).resolve()) if args.root else None, "split": args.split}
-        check_manifest(out, config, args.overwrite, outputs="**/*.png")
-        write_manifest(out, config, status="running", checkpoint=str(ckpt_file))
-        res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
-                            overlay_dir=None if args.no_overlays else out / "overlay")
-        write_errors(out, res["errors"])
-        write_manifest(out, config, status="failed" if res["errors"] else "complete", checkpoint=str(ckpt_file),
-                       summary={k: v for k, v in res.items() if k not in ("conf", "errors")})
-    except (ValueError, OSError, CheckpointError, CheckpointMismatch, StaleOutputError) as e:
+        out = (Path(args.out) if args.out else
+               Path("outputs") / (args.dataset or "images") / "predict" / ckpt_io.label(ckpt_file) / source)
+        with output_lock(out):  # before the model loads: a refused run costs nothing
+            device = infer_device(args.device)
+            model, meta = load_model(args.checkpoint, device, args.clip)
+            if args.images:  # the checkpoint knows its classes; no labels are needed to predict
+                ds = image_folder(args.images, meta["class_names"][1:])
+                ids = ds.ids("all")
+            else:
+                ds, ids = open_dataset(args)
+            if list(meta["class_names"]) != ["background", *ds.classes.names]:
+                raise CheckpointMismatch(f"{args.checkpoint}: trained for {meta['num_classes']} classes, the dataset "
+                                         f"has {ds.classes.num_classes + 1}")
+            cfg = checkpoint_infer_config(meta, infer_overrides(args), device)
+            config = {"stage": "predict", "checkpoint_sha256": sha256_file(ckpt_file), "infer": cfg.as_dict(),
+                      "format": args.format, "images": str(Path(args.images).resolve()) if args.images else None,
+                      "root": str(Path(args.root).resolve()) if args.root else None, "split": args.split}
+            check_manifest(out, config, args.overwrite, outputs="**/*.png")
+            write_manifest(out, config, status="running", checkpoint=str(ckpt_file))
+            res = predict_split(model, ds, ids, out, cfg, device, fmt=args.format, progress=not args.no_progress,
+                                overlay_dir=None if args.no_overlays else out / "overlay")
+            write_errors(out, res["errors"])
+            write_manifest(out, config, status="failed" if res["errors"] else "complete", checkpoint=str(ckpt_file),
+                           summary={k: v for k, v in res.items() if k not in ("conf", "errors")})
+    except (FolderInUse, ValueError, OSError, CheckpointError, CheckpointMismatch, StaleOutputError) as e:
         return fail(e)
     print(f"{res['done']}/{res['total']} label PNGs in {out} ({res['images_per_s']} img/s)")
     print_failures(res["errors"], out)

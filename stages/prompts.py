@@ -12,6 +12,7 @@ from stages.common import fail
 
 from pipeline.classes import ClassList
 from pipeline.clip.model import CheckpointError
+from pipeline.io import FolderInUse, output_lock
 from pipeline.cams.prompts import PromptsConfig, propose_background, run_prompts
 
 
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                         templates=a.templates, top=a.top, max_images=a.max_images, background=not a.no_background,
                         device=a.device, precision=a.precision, progress=not a.no_progress)
     try:
-        ranking, errors = run_prompts(cfg)
-    except (CheckpointError, OSError, ValueError, ImportError) as e:
+        with output_lock(cfg.out):
+            ranking, errors = run_prompts(cfg)
+    except (FolderInUse, CheckpointError, OSError, ValueError, ImportError) as e:
         return fail(e)
     print((cfg.out + "/ranking.md:"))
     for row in ranking.rows()[:10]:

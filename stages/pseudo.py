@@ -89,15 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline.io import StaleOutputError
+    from pipeline.io import FolderInUse, StaleOutputError, output_lock
     from pipeline.labels.pseudo import run_pseudo
 
     try:
         cfg = pseudo_config(args, args.device or _default_device(args.crf_backend))
         ds, ids = open_dataset(args)
-        res = run_pseudo(ds, ids, args.cams or outputs(args.dataset, "cams"), args.out or outputs(args.dataset, "pseudo"),
-                         cfg, n_jobs=args.jobs, overwrite=args.overwrite, progress=not args.no_progress)
-    except (StaleOutputError, ValueError, OSError) as e:
+        out = args.out or outputs(args.dataset, "pseudo")
+        with output_lock(out):
+            res = run_pseudo(ds, ids, args.cams or outputs(args.dataset, "cams"), out,
+                             cfg, n_jobs=args.jobs, overwrite=args.overwrite, progress=not args.no_progress)
+    except (FolderInUse, StaleOutputError, ValueError, OSError) as e:
         return fail(e)
     errors = res.pop("errors")
     print(json.dumps(res, indent=2))

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.clip.model import CheckpointError
     from pipeline.data.datasets import SampleError
+    from pipeline.io import FolderInUse, output_lock
     from pipeline.train.config import load_config
     from pipeline.train.distributed import dist_env
     from pipeline.train.loop import train
@@ -57,9 +58,10 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, [s for s in shortcuts if s] + args.overrides)
         out = Path(args.out) if args.out else Path("outputs") / cfg["data"]["dataset"] / "train" / Path(args.config).stem
-        res = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
-                    tensorboard=not args.no_tensorboard)
-    except (ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError, FloatingPointError) as e:
+        with output_lock(out):  # every rank of a torchrun run holds it
+            res = train(cfg, out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress,
+                        tensorboard=not args.no_tensorboard)
+    except (FolderInUse, ValueError, OSError, CheckpointError, CheckpointMismatch, SampleError, FloatingPointError) as e:
         return fail(e)
     if dist_env()[0] == 0:
         miou = res.pop("val_miou")  # a fraction in the library; percent (0-100) in every file and on screen

@@ -28,14 +28,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.eval.viz import run_viz
+    from pipeline.io import FolderInUse, output_lock
 
     pick = lambda v, what: None if v == "none" else (v or outputs(args.dataset, what))  # noqa: E731
     try:
         ds, ids = open_dataset(args)
-        res = run_viz(ds, ids[: args.limit] if args.limit else ids, args.out or outputs(args.dataset, "viz"),
-                      cams_dir=pick(args.cams, "cams"), pseudo_dir=pick(args.pseudo, "pseudo"),
-                      tile_h=args.tile_height, n_jobs=args.jobs, progress=not args.no_progress)
-    except (ValueError, OSError) as e:
+        out = args.out or outputs(args.dataset, "viz")
+        with output_lock(out):
+            res = run_viz(ds, ids[: args.limit] if args.limit else ids, out,
+                          cams_dir=pick(args.cams, "cams"), pseudo_dir=pick(args.pseudo, "pseudo"),
+                          tile_h=args.tile_height, n_jobs=args.jobs, progress=not args.no_progress)
+    except (FolderInUse, ValueError, OSError) as e:
         return fail(e)
     print(f"viz: {res['done']} panels, {res['failed']} failed -> {res['index']}")
     print_failures(res["errors"], Path(res["index"]).parent)

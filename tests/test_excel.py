@@ -176,15 +176,15 @@ def _embeddings(seed: int = 0):
 
 
 def test_clusters_belong_to_one_class_each_and_follow_spread():
-    bank = tse.cluster(_embeddings(), total=12, seed=0)
+    bank = tse.cluster(_embeddings(), total=12, seed=0, clustering="per-class")
     assert bank.centres.shape == (12, 8) and bank.membership.shape == (3, 12)
     assert (bank.membership.sum(axis=0) == 1).all()
     counts = bank.membership.sum(axis=1)
     assert counts.sum() == 12 and counts[1] > counts[2] > counts[0] >= 1  # more varied classes get more
-    again = tse.cluster(_embeddings(), total=12, seed=0)
+    again = tse.cluster(_embeddings(), total=12, seed=0, clustering="per-class")
     np.testing.assert_array_equal(bank.centres, again.centres)
     with pytest.raises(ValueError, match="between 3 and 36"):
-        tse.cluster(_embeddings(), total=40)
+        tse.cluster(_embeddings(), total=40, clustering="per-class")
 
 
 def test_bank_round_trips_both_formats(tmp_path):

@@ -109,6 +109,7 @@ def _changes_excel_outputs(tmp) -> dict[str, list[str]]:
         "--calibrated-blocks": ["--calibrated-blocks", "3"],
         "--no-tse": ["--no-tse"],
         "--attributes": ["--attributes", "21"],
+        "--attribute-clustering": ["--attribute-clustering", "per-class"],
         "--descriptions": ["--descriptions", str(tmp / "descriptions.json")],
         "--attribute-bank": ["--attribute-bank", str(tmp / "bank.npz")],
     }

@@ -141,3 +141,91 @@ def test_folder_dataset_with_custom_vocabulary(tmp_path):
     assert ds.ids("all") == ["a", "b"]
     assert ds.labels("b") == [0, 1] and ds.image_path("b").name == "b.jpeg"
     assert classes.synonyms(1) == ["gadget", "gizmo"]
+
+
+# ------------------------------------------------------------------ exact ids (issue 22 item 3)
+def test_split_lines_keep_dots_and_spaces_and_read_the_known_two_column_layouts(tmp_path):
+    from pipeline.data.datasets import read_id_list
+
+    (tmp_path / "s.txt").write_text("photo.2021\nmy cat\n  v1.2.final  \n# a comment\n\nx.jpg\nmy dog.JPG\n"
+                                    "JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png\n"
+                                    "/JPEGImages/2007_000033.jpg /SegmentationClassAug/2007_000033.png\n"
+                                    "COCO_train2014_000000000009 0 16\n")
+    assert read_id_list(tmp_path / "s.txt") == ["photo.2021", "my cat", "v1.2.final", "x", "my dog", "2007_000032",
+                                                "2007_000033", "COCO_train2014_000000000009"]
+
+
+def test_ids_with_dots_and_spaces_find_their_own_images(tmp_path, tiny_clip_path):
+    from pipeline.cams.stage import CamsConfig, run_cams
+    from pipeline.data.datasets import build_dataset
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i, name in enumerate(["photo.2021", "photo", "my cat", "my"]):
+        Image.fromarray(textured_image(32, 48, i)).save(root / f"{name}.jpg")
+    labels = {"photo.2021": ["dog"], "photo": ["cat"], "my cat": ["bird"], "my": ["person"]}
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    (tmp_path / "split.txt").write_text("photo.2021\nmy cat\n")
+    ds = build_dataset("folder", root, "data/voc.yaml", tmp_path / "labels.json")
+    assert ds.ids(str(tmp_path / "split.txt")) == ["photo.2021", "my cat"]
+    assert ds.image_path("photo.2021").name == "photo.2021.jpg" and ds.image_path("my cat").name == "my cat.jpg"
+    s = run_cams(CamsConfig(dataset="folder", root=str(root), split=str(tmp_path / "split.txt"), clip=str(tiny_clip_path),
+                            out=str(tmp_path / "cams"), classes="data/voc.yaml", labels=str(tmp_path / "labels.json"),
+                            workers=0, progress=False))
+    assert (s.written, s.failed) == (2, 0)
+    voc = builtin("voc")
+    for image_id in ("photo.2021", "my cat"):
+        z = np.load(tmp_path / "cams" / f"{image_id}.npz")
+        assert z["keys"].tolist() == [voc.index(labels[image_id][0])]
+
+
+def test_duplicate_ids_are_reported_once_and_used_once(tmp_path, capsys):
+    root = tmp_path / "VOC"
+    (root / "JPEGImages").mkdir(parents=True)
+    (tmp_path / "s.txt").write_text("a\nb\na\nc\na\nb\n")
+    assert VOCDataset(root).ids(str(tmp_path / "s.txt")) == ["a", "b", "c"]
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and "3 duplicate line(s) for 2 id(s) (a, b)" in err and "s.txt" in err
+
+
+def test_an_id_listed_twice_with_other_labels_fails_that_image(tmp_path):
+    voc = builtin("voc")
+    (tmp_path / "l.csv").write_text("a,cat\nb,dog\na,dog\nb,dog\n")
+    (tmp_path / "l.json").write_text('{"a": ["cat"], "b": ["dog"], "a": ["dog"]}')
+    for name in ("l.csv", "l.json"):
+        errors: dict[str, str] = {}
+        assert read_labels_file(tmp_path / name, voc, errors) == {"b": [11]}
+        assert "listed more than once with different labels (cat / dog)" in errors["a"]
+
+
+@pytest.mark.parametrize("dataset,make,needs,missing", [
+    ("voc", ["JPEGImages"], ("images", "labels"), "Annotations/"),
+    ("voc", ["Annotations"], ("images",), "JPEGImages/"),
+    ("voc", ["JPEGImages", "Annotations"], ("masks",), "SegmentationClassAug/ or SegmentationClass/"),
+    ("coco", ["JPEGImages"], ("images", "labels"), "labels file"),
+    ("coco", [], ("images",), "JPEGImages/, train2014/ or val2014/"),
+])
+def test_a_root_of_another_layout_is_refused_naming_what_is_missing(tmp_path, dataset, make, needs, missing):
+    from pipeline.data.datasets import build_dataset
+
+    for d in make:
+        (tmp_path / d).mkdir()
+    with pytest.raises(ValueError, match="dataset root has no ") as e:
+        build_dataset(dataset, tmp_path, needs=needs)
+    assert str(e.value).startswith(f"{tmp_path}: ") and missing in str(e.value)
+    build_dataset(dataset, tmp_path)  # nothing needed: nothing refused
+
+
+def test_cams_refuse_a_root_without_annotations_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from stages import cams
+
+    root = tmp_path / "VOC"
+    (root / "JPEGImages").mkdir(parents=True)
+    Image.fromarray(textured_image(32, 32, 0)).save(root / "JPEGImages" / "a.jpg")
+    (tmp_path / "s.txt").write_text("a\n")
+    monkeypatch.setattr("pipeline.cams.stage.load_clip", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = cams.main(["--dataset", "voc", "--root", str(root), "--split", str(tmp_path / "s.txt"),
+                    "--clip", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "cams")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no Annotations/" in err and "--labels" in err
+    assert not (tmp_path / "cams").exists()

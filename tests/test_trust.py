@@ -343,3 +343,106 @@ def test_diverging_training_is_a_message(monkeypatch, capsys):
     monkeypatch.setattr(pipeline.train.loop, "train", diverge)
     assert train_main(["--config", "configs/weclip_voc.yaml", "--root", ".", "--no-progress"]) == 2
     assert "error: loss became nan at iteration 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------ issue 22 item 6: no traceback, no misleading message
+def test_attributes_refuse_an_existing_bank_untouched_and_a_folder(tmp_path, tiny_clip_path, capsys):
+    from stages import attributes
+
+    bank = tmp_path / "bank.npz"
+    bank.write_bytes(b"my earlier bank")
+    base = ["--dataset", "voc", "--clip", str(tiny_clip_path), "--device", "cpu"]
+    assert attributes.main(base + ["--out", str(bank)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bank}: already exists" in err and "--overwrite" in err and bank.read_bytes() == b"my earlier bank"
+    assert attributes.main(base + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: is a folder") and "attributes.npz" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank.npz"]  # no lock file left anywhere near
+
+
+def test_demo_out_naming_a_file_is_a_message(tmp_path, capsys):
+    from stages import demo
+
+    (tmp_path / "f").write_text("keep")
+    assert demo.main(["--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'f'}: is a file, not a folder")
+    assert (tmp_path / "f").read_text() == "keep"
+
+
+def test_missing_clip_gets_the_documented_sentence(voc_small, tmp_path, capsys):
+    from stages import cams
+
+    root, split = voc_small
+    rc = cams.main(["--dataset", "voc", "--root", str(root), "--split", str(split), "--clip", str(tmp_path / "no.pt"),
+                    "--out", str(tmp_path / "cams")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{tmp_path / 'no.pt'}: checkpoint not found. Download OpenAI's ViT-B-16.pt" in err
+
+
+def test_predict_images_missing_or_empty_is_named(tmp_path, monkeypatch, capsys):
+    from stages import predict
+
+    meta = {"class_names": ["background", "cat"], "num_classes": 2}
+    monkeypatch.setattr("pipeline.eval.infer.load_model", lambda *a, **k: (None, meta))
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    for folder, says in ((tmp_path / "missing", "image folder not found"), (tmp_path / "empty", "no images (.jpg")):
+        rc = predict.main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: {folder}: {says}") and "IMAGES=" in err and "ROOT" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_archive_or_an_npz_given_as_ckpt_is_named(tmp_path, tiny_clip_path, voc_small, capsys):
+    from stages import predict
+
+    np.savez(tmp_path / "cams.npz", keys=np.zeros(1), cams=np.zeros((1, 2, 2)))
+    for ckpt, says in ((tiny_clip_path, "TorchScript model archive (OpenAI's CLIP ViT-B-16.pt is one)"),
+                       (tmp_path / "cams.npz", "NumPy .npz archive")):
+        rc = predict.main(["--checkpoint", str(ckpt), "--images", str(voc_small[0] / "JPEGImages"),
+                           "--out", str(tmp_path / "out"), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: {ckpt}: this is a {says}") and "pass another checkpoint" in err
+        assert "Warning" not in err
+
+
+@pytest.mark.parametrize("variables,says", [
+    (["MODEL=foo"], "MODEL=foo is not a model; choose one of: weclip weclip-online excel deeplab"),
+    (["DATASET=folder"], "there is no configs/weclip_folder.yaml for DATASET=folder; copy configs/weclip_voc.yaml"),
+])
+def test_make_train_without_a_config_names_the_fix(variables, says):
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(["make", "-s", "-f", str(repo / "Makefile"), "train", "ROOT=/nowhere", *variables],
+                          capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {says}"), proc.stderr
+    assert "No such file" not in proc.stderr
+
+
+def test_pseudo_after_a_cam_failure_names_that_failure(voc_small, tiny_clip_path, tmp_path):
+    root, split = voc_small
+    xml = root / "Annotations" / "2007_000003.xml"
+    xml.write_text(xml.read_text().replace("bird", "griffin"))
+    s = run_cams(CamsConfig(dataset="voc", root=str(root), split=str(split), clip=str(tiny_clip_path),
+                            out=str(tmp_path / "cams"), workers=0, progress=False))
+    assert s.failed == 1
+    res = run_pseudo(build_dataset("voc", root), ["2007_000003"], tmp_path / "cams", tmp_path / "pseudo",
+                     PseudoConfig(require_gt=False), n_jobs=1, progress=False)
+    msg = res["errors"]["2007_000003"]
+    assert "the CAM stage failed for this image" in msg and "unknown class 'griffin'" in msg
+    assert "run the CAM stage for this image" not in msg
+
+
+def test_a_non_cam_npz_says_to_delete_it(voc_small, tmp_path):
+    root, split = voc_small
+    (tmp_path / "cams").mkdir()
+    np.savez(tmp_path / "cams" / "2007_000000.npz", centres=np.zeros((2, 3)))
+    res = run_pseudo(build_dataset("voc", root), ["2007_000000"], tmp_path / "cams", tmp_path / "pseudo",
+                     PseudoConfig(require_gt=False), n_jobs=1, progress=False)
+    msg = res["errors"]["2007_000000"]
+    assert "2007_000000.npz: not a CAM file" in msg and "delete it and re-run make cams" in msg

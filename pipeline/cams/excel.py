@@ -31,7 +31,7 @@ from ..data.image import DEFAULT_MAX_PATCHES, load_image, normalize_then_resize,
 from ..io import sha256_file
 from ..clip.text import encode_prompts
 from . import tse
-from .tse import DROP
+from .tse import CLUSTERINGS, DROP
 
 CUDA_PRECISION = "fp32"  # the reference runs this CLIP in fp32
 ATTRIBUTES = {"voc": 112, "coco": 224}  # the reference's bank sizes
@@ -50,7 +50,9 @@ class ExcelConfig:
         CLIP-ES method); an int resizes every image to that square, as the reference (320).
     pos_via: side of the grid the positional table is first resized to (the reference's 20) or None.
     tse: text semantic enrichment on/off; descriptions / attribute_bank: its knowledge base or a
-        saved bank (sha256 recorded); attributes: bank size B; seed: KMeans seed; drop: masked share.
+        saved bank (sha256 recorded); attributes: bank size B; seed: KMeans seed; drop: masked share;
+        attribute_clustering: one KMeans over all descriptions ('global', the reference's) or one per
+        class ('per-class'), see ``tse``.
     """
 
     box_threshold: float = 0.79
@@ -69,6 +71,7 @@ class ExcelConfig:
     attribute_bank: str | None = None
     attribute_bank_sha256: str | None = None
     attributes: int = 112
+    attribute_clustering: str = CLUSTERINGS[0]
     seed: int = 0
     drop: float = DROP
 
@@ -77,6 +80,8 @@ class ExcelConfig:
             raise ValueError(f"--input-size must be a positive multiple of 16, got {self.input_size}")
         if self.attention_layers < 1 or self.calibrated_blocks < 1:
             raise ValueError("attention_layers and calibrated_blocks must be at least 1")
+        if self.attribute_clustering not in CLUSTERINGS:
+            raise ValueError(f"attribute clustering {self.attribute_clustering!r}: choose {' or '.join(CLUSTERINGS)}")
 
 
 def make_config(dataset: str, classes: ClassList, exact: bool, box_threshold: float | None,
@@ -88,6 +93,9 @@ def make_config(dataset: str, classes: ClassList, exact: bool, box_threshold: fl
     if not exact:
         opts.setdefault("pos_via", None)
     opts.setdefault("attributes", ATTRIBUTES.get(dataset, round(ATTRIBUTES_PER_CLASS * classes.num_classes)))
+    if "attribute_clustering" in opts and (opts.get("attribute_bank") or not opts.get("tse", True)):
+        raise ValueError("--attribute-clustering chooses how descriptions are clustered; it does nothing with "
+                         "--attribute-bank or --no-tse: drop one of them")
     if opts.get("tse", True):
         if opts.get("attribute_bank"):
             path = opts["attribute_bank"]
@@ -172,7 +180,7 @@ class ExcelEngine:
             if bank is None:
                 bank = (tse.load_bank(cfg.attribute_bank, classes, model.arch.embed_dim) if cfg.attribute_bank else
                         tse.build_bank(model, classes, tse.load_descriptions(cfg.descriptions, classes),
-                                       cfg.attributes, cfg.seed, template))
+                                       cfg.attributes, cfg.seed, template, cfg.attribute_clustering))
             fg = tse.enrich(fg, torch.from_numpy(bank.centres).to(device, fg.dtype), cfg.drop)
         rows = [fg]
         if classes.background:

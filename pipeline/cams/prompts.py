@@ -221,7 +221,7 @@ def run_prompts(cfg: PromptsConfig) -> tuple[Ranking, dict[str, str]]:
     from ..eval.metrics import TAUS_RAW, cam_sweep_confusions, mean_iou
 
     device, dtype = resolve_device(cfg.device, cfg.precision)
-    data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks)
+    data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks, needs=("images", "labels"))
     ids = data.ids(cfg.split)
     ids = ids[: cfg.max_images] if cfg.max_images else ids
     templates = load_templates(cfg.templates)

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from ..data.camfile import save_cams
-from ..clip.model import PRECISIONS, load_clip, resolve_device
+from ..clip.model import PRECISIONS, checkpoint_file, load_clip, resolve_device
 from ..data.datasets import Dataset, SampleError, build_dataset
 from ..data.image import DEFAULT_MAX_PATCHES, ImageError
 from ..io import check_manifest, check_output_folder, sha256_file, write_errors, write_json, write_manifest
@@ -65,6 +65,9 @@ class CamsConfig:
 
 @dataclass
 class Summary:
+    """Counts of a run (under torchrun: rank 0's are the whole run's, the other ranks' their shard's)."""
+
+    rank: int = 0
     total: int = 0
     written: int = 0
     skipped: int = 0
@@ -158,13 +161,15 @@ def run_cams(cfg: CamsConfig) -> Summary:
     out = check_output_folder(cfg.out)
     if cfg.pseudo_out:
         check_output_folder(cfg.pseudo_out)
-    data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks)
+    data = build_dataset(cfg.dataset, cfg.root, cfg.classes, cfg.labels, cfg.masks, needs=("images", "labels"))
+    if cfg.pseudo_out and (cfg.pseudo is None or cfg.pseudo.require_gt) and data.has_masks:
+        data.require(["masks"])
     ids = data.ids(cfg.split)
     options = dict(cfg.cam_options)
     if options.get("template") == "best":
         options["template"] = best_template(cfg.prompt_ranking or f"outputs/{cfg.dataset}/prompts/ranking.csv")
     cam_cfg = method.make_config(cfg.dataset, data.classes, cfg.exact, cfg.box_threshold, options)
-    ckpt_sha = sha256_file(cfg.clip)
+    ckpt_sha = sha256_file(checkpoint_file(cfg.clip))  # a missing file gets the loader's advice
     config = manifest_config(cfg, data, ckpt_sha, method.manifest(cam_cfg), dtype)
     resume = check_manifest(out, config, cfg.overwrite, outputs="*.npz") if cfg.keep_cams else False
     labeller = None
@@ -191,7 +196,7 @@ def run_cams(cfg: CamsConfig) -> Summary:
     shard = shard_ids(ids, rank, world)
     todo = [i for i in shard if not ((not cfg.keep_cams or (out / f"{i}.npz").exists())
                                      and (labeller is None or labeller.finished(i)))]
-    summary = Summary(total=len(shard), skipped=len(shard) - len(todo))
+    summary = Summary(rank=rank, total=len(shard), skipped=len(shard) - len(todo))
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
     load = method.image_loader(cam_cfg, cfg.max_patches, cfg.exif_transpose)
     loader = DataLoader(_Images(data, todo, load), batch_size=None, num_workers=cfg.workers,
@@ -239,16 +244,20 @@ def _compute(engine, batch: list[dict], device, dtype, errors: dict[str, str]):
 
 
 def _finish(out: Path, config: dict, cfg: CamsConfig, summary: Summary, rank: int, world: int, ids: list[str]) -> None:
-    """Merge per-rank results; rank 0 writes errors.json and the final manifest."""
+    """Merge per-rank results into rank 0's summary; rank 0 writes errors.json and the final manifest."""
     part = out / f".rank{rank}.json"
+    counts = ("total", "written", "skipped")
     if world > 1:
-        write_json(part, {"errors": summary.errors})
+        write_json(part, {"errors": summary.errors, **{k: getattr(summary, k) for k in counts}})
     _barrier(world)
     if rank == 0:
         errors = dict(summary.errors)
         for r in range(1, world):
             p = out / f".rank{r}.json"
-            errors.update(json.loads(p.read_text())["errors"])
+            other = json.loads(p.read_text())
+            errors.update(other["errors"])
+            for k in counts:
+                setattr(summary, k, getattr(summary, k) + other[k])
             p.unlink()
         part.unlink(missing_ok=True)
         write_errors(out, errors)

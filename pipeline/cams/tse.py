@@ -1,13 +1,16 @@
 """Text semantic enrichment (ExCEL, CVPR 2025): class prompts enriched with visual attributes.
 
 A knowledge base (JSON: class name -> list of short visual descriptions) is embedded with CLIP's
-text encoder, one sentence per description: the class prompt followed by the description, lower-cased
-(``a clean origami cat. pointed ears on top of the head.``). KMeans turns the embeddings into an
-attribute bank of B centres; each class's global prompt embedding then adds the softmax-weighted sum
-of the attributes it matches best (``enrich``).
+text encoder, one sentence per description, formed as the authors form them: the template filled with
+the class *name* followed by the description, lower-cased (``a clean origami cat. pointed ears on top
+of the head.``); a description that already starts with that sentence (the authors' own JSON files)
+is taken as it is. KMeans turns the embeddings into an attribute bank of B centres; each class's global
+prompt embedding then adds the softmax-weighted sum of the attributes it matches best (``enrich``).
 
-Clusters are found per class, so every attribute belongs to exactly one class. The B clusters are
-shared out in proportion to how spread out each class's descriptions are (their sum of squared
+Clustering (``CLUSTERINGS``): ``global``, the authors', is one KMeans over all descriptions; a class's
+attributes are the clusters its descriptions fall into, so an attribute may serve several classes.
+``per-class`` finds clusters per class, so every attribute belongs to exactly one class; the B clusters
+are shared out in proportion to how spread out each class's descriptions are (their sum of squared
 distances to the class mean; largest remainders, at least one per class, at most one per distinct
 description): classes described in more varied ways get more attributes.
 
@@ -29,11 +32,13 @@ from ..classes import ClassList
 from ..io import save_npz
 
 DROP = 0.1  # the reference's "topK = 0.9": the lowest 10 % of attribute scores are masked
+CLUSTERINGS = ("global", "per-class")  # the first is the authors' and the default
 
 
 @dataclass(frozen=True)
 class AttributeBank:
-    """centres (B, E) float32 (not re-normalised); membership (C, B) float32 one-hot columns."""
+    """centres (B, E) float32 (not re-normalised); membership (C, B) float32, 1 where an attribute serves a
+    class (one-hot columns with per-class clustering)."""
 
     centres: np.ndarray
     membership: np.ndarray
@@ -70,10 +75,19 @@ def load_descriptions(path: str | Path, classes: ClassList) -> list[list[str]]:
 
 
 def sentences(classes: ClassList, descriptions: Sequence[Sequence[str]], template: str | None = None) -> list[list[str]]:
-    """Per class: ``template.format(prompt)`` + ' ' + description, lower-cased."""
+    """Per class: ``template.format(name)`` + ' ' + description, lower-cased, as the authors' knowledge
+    base holds them; a description already starting with ``template.format(name)`` is kept whole."""
     template = template or classes.template
-    return [[f"{template.format(classes.prompts[c])} {d}".lower() for d in descs]
-            for c, descs in enumerate(descriptions)]
+    out = []
+    for c, descs in enumerate(descriptions):
+        head = template.format(classes.names[c])
+        out.append([(d if d.lower().startswith(head.lower()) else f"{head} {d}").lower() for d in descs])
+    return out
+
+
+def distinct_count(embeddings: Sequence[np.ndarray]) -> int:
+    """How many different rows the (N_c, E) embeddings hold together: at most that many clusters."""
+    return len(np.unique(np.concatenate(embeddings).round(6), axis=0))
 
 
 def allocate(spread: np.ndarray, distinct: np.ndarray, total: int) -> np.ndarray:
@@ -92,9 +106,35 @@ def allocate(spread: np.ndarray, distinct: np.ndarray, total: int) -> np.ndarray
     return counts
 
 
-def cluster(embeddings: Sequence[np.ndarray], total: int, seed: int = 0) -> AttributeBank:
-    """Per-class KMeans on L2-normalised description embeddings, each (N_c, E) -> a bank of ``total``
-    centres (class after class) with its one-hot class membership."""
+def cluster(embeddings: Sequence[np.ndarray], total: int, seed: int = 0, clustering: str = "global") -> AttributeBank:
+    """KMeans on L2-normalised description embeddings, each (N_c, E) -> a bank of ``total`` centres with
+    its class membership: ``global`` (one KMeans over all rows, the authors') or ``per-class``."""
+    if clustering == "global":
+        return cluster_global(embeddings, total, seed)
+    if clustering != "per-class":
+        raise ValueError(f"unknown attribute clustering {clustering!r}; choose {' or '.join(CLUSTERINGS)}")
+    return cluster_per_class(embeddings, total, seed)
+
+
+def cluster_global(embeddings: Sequence[np.ndarray], total: int, seed: int = 0) -> AttributeBank:
+    """One KMeans (k-means++, 10 starts, the authors' scikit-learn defaults) over all (N_c, E) rows ->
+    ``total`` centres; class c's membership is 1 at every cluster one of its descriptions falls into."""
+    from sklearn.cluster import KMeans
+
+    distinct = distinct_count(embeddings)
+    if not 1 <= total <= distinct:
+        raise ValueError(f"cannot make {total} attributes from {distinct} distinct descriptions; choose between 1 "
+                         f"and {distinct}")
+    km = KMeans(n_clusters=total, random_state=seed, n_init=10).fit(np.concatenate(embeddings).astype(np.float64))
+    owner = np.repeat(np.arange(len(embeddings)), [len(e) for e in embeddings])
+    membership = np.zeros((len(embeddings), total), np.float32)
+    membership[owner, km.labels_] = 1
+    return AttributeBank(km.cluster_centers_.astype(np.float32), membership)
+
+
+def cluster_per_class(embeddings: Sequence[np.ndarray], total: int, seed: int = 0) -> AttributeBank:
+    """Per-class KMeans, each (N_c, E) -> a bank of ``total`` centres (class after class) with its
+    one-hot class membership; clusters shared out by ``allocate``."""
     from sklearn.cluster import KMeans
 
     spread = np.array([((e - e.mean(0)) ** 2).sum() for e in embeddings], np.float64)
@@ -112,14 +152,14 @@ def cluster(embeddings: Sequence[np.ndarray], total: int, seed: int = 0) -> Attr
 
 @torch.no_grad()
 def build_bank(model, classes: ClassList, descriptions: Sequence[Sequence[str]], total: int, seed: int = 0,
-               template: str | None = None) -> AttributeBank:
+               template: str | None = None, clustering: str = "global") -> AttributeBank:
     """Embed every description sentence with ``model``'s text encoder and cluster (see ``cluster``)."""
     from ..clip.text import encode_grid
 
     groups = sentences(classes, descriptions, template)
     flat = encode_grid(model, [s for g in groups for s in g], ["{}"])[0].float().cpu().numpy()
     parts = np.split(flat, np.cumsum([len(g) for g in groups])[:-1])
-    bank = cluster(parts, total, seed)
+    bank = cluster(parts, total, seed, clustering)
     return AttributeBank(bank.centres, bank.membership, tuple(classes.names))
 
 
@@ -133,6 +173,16 @@ def enrich(text: torch.Tensor, centres: torch.Tensor, drop: float = DROP) -> tor
         lowest = z.topk(masked, dim=-1, largest=False).indices
         z = z.scatter(-1, lowest, float("-inf"))
     return text + z.softmax(dim=-1) @ centres
+
+
+def check_bank_path(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse a bank path that is a folder, or an existing file without ``overwrite`` (it stays untouched)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; --out (OUT=) names the bank file, e.g. {path / 'attributes.npz'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path}: already exists; pass --overwrite (ARGS=--overwrite) to replace it, or choose "
+                         "another --out (OUT=)")
 
 
 def save_bank(path: str | Path, bank: AttributeBank) -> None:

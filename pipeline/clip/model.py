@@ -401,11 +401,17 @@ def resolve_device(device: str = "auto", precision: str = "auto", local_rank: in
     return dev, PRECISIONS[precision]
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from an OpenAI TorchScript archive or a (possibly wrapped) plain state_dict file."""
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` (``~`` expanded) if it is a file, else ``CheckpointError`` saying where to get one."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found. Download OpenAI's ViT-B-16.pt (see README) and pass CLIP=/path/to/ViT-B-16.pt")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from an OpenAI TorchScript archive or a (possibly wrapped) plain state_dict file."""
+    path = checkpoint_file(path)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:

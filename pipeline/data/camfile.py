@@ -9,12 +9,13 @@
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..io import load_npz, save_npz
+from ..io import ERRORS, load_npz, save_npz
 
 REQUIRED = ("keys", "cams", "image_size")
 
@@ -28,12 +29,27 @@ def save_cams(path: str | Path, keys: np.ndarray, cams: np.ndarray, image_size: 
     save_npz(path, arrays)
 
 
+def missing_message(path: str | Path) -> str:
+    """Why the CAM file ``path`` is absent: the CAM stage's own failure for the image when its
+    errors.json lists one (an unknown class, say), else that the stage has not run for it."""
+    path = Path(path)
+    try:
+        errors = json.loads((path.parent / ERRORS).read_text())
+    except (OSError, ValueError):
+        errors = {}
+    reason = errors.get(path.name.removesuffix(".npz")) if isinstance(errors, dict) else None
+    if reason:
+        return f"{path}: no CAM file, the CAM stage failed for this image ({reason}); fix that and re-run make cams"
+    return f"{path}: CAM file not found; run the CAM stage for this image (make cams)"
+
+
 def load_cams(path: str | Path) -> dict[str, np.ndarray]:
     """Read and validate a CAM file; ``ValueError`` names the file and what is wrong."""
     d = load_npz(path)
     missing = [k for k in REQUIRED if k not in d]
     if missing:
-        raise ValueError(f"{path}: not a CAM file (missing {', '.join(missing)}); re-run `make cams`")
+        raise ValueError(f"{path}: not a CAM file (missing {', '.join(missing)}); delete it and re-run make cams "
+                         "(a re-run keeps the files it finds)")
     keys, cams, size = d["keys"], d["cams"], d["image_size"]
     if cams.ndim != 3 or keys.shape != (cams.shape[0],) or size.shape != (2,):
         raise ValueError(f"{path}: inconsistent shapes keys {keys.shape}, cams {cams.shape}, image_size {size.shape}")
@@ -47,12 +63,13 @@ def check_cams(d: dict[str, np.ndarray], path: str | Path, num_classes: int, gri
     bad = sorted({int(k) for k in keys if not 0 <= k < num_classes})
     if bad:
         raise ValueError(f"{path}: class ids {bad} are outside this vocabulary's 0..{num_classes - 1}; the CAMs "
-                         "were made with another class list: re-run the CAM stage")
+                         "were made with another class list: re-run make cams into another folder or with --overwrite")
     if not np.isfinite(cams).all():
-        raise ValueError(f"{path}: CAMs contain NaN or infinite values; re-run the CAM stage for this image")
+        raise ValueError(f"{path}: CAMs contain NaN or infinite values; delete the file and re-run make cams")
     if tuple(cams.shape[1:]) != tuple(grid):
         raise ValueError(f"{path}: CAMs have a {cams.shape[1]}x{cams.shape[2]} patch grid, this image gives "
-                         f"{grid[0]}x{grid[1]}; the CAMs are stale or from another setting: re-run the CAM stage")
+                         f"{grid[0]}x{grid[1]}; the CAMs are stale or from another setting: re-run make cams into another "
+                         "folder or with --overwrite")
 
 
 def upsample_cams(cams: np.ndarray, image_size: tuple[int, int], dtype=np.float16) -> np.ndarray:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -27,21 +31,51 @@ def _first_existing(candidates: list[Path]) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def line_id(line: str) -> str | None:
+    """The image id one line of a split list names (None for blank and # lines).
+
+    The id is the whole line, dots and spaces kept (``photo.2021``, ``my cat``), without an image file
+    extension (``x.jpg`` -> ``x``). Two layouts with a second column are read by their first: lines of
+    paths (``JPEGImages/x.jpg SegmentationClassAug/x.png`` -> ``x``) and CLIP-ES's ``<id> <class index>...``
+    lines, whose other columns are all numbers.
+    """
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return None
+    first, *rest = s.split()
+    if Path(first).suffix.lower() in IMAGE_EXTS and ("/" in first or not rest):
+        return Path(first).stem
+    if rest and all(t.isdigit() for t in rest):
+        return first
+    return s[: -len(Path(s).suffix)] if Path(s).suffix.lower() in IMAGE_EXTS else s
+
+
 def read_id_list(path: str | Path) -> list[str]:
-    """Image ids from a list file: first whitespace-separated token of each non-empty, non-# line.
-    Accepts 'JPEGImages/x.jpg ...' style lines too (the id is the file stem)."""
-    path = Path(path)
-    ids = []
-    for line in path.read_text().splitlines():
-        tok = line.split()
-        if tok and not tok[0].startswith("#"):
-            ids.append(Path(tok[0]).stem if "/" in tok[0] or "." in Path(tok[0]).suffix else tok[0])
-    return ids
+    """Image ids of a split list file, one per non-empty, non-# line (see ``line_id``), in file order,
+    duplicates included."""
+    return [i for line in Path(path).read_text().splitlines() if (i := line_id(line)) is not None]
+
+
+def note(message: str) -> None:
+    """One ``note:`` line on stderr (from the first process only, under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr)
+
+
+def unique_ids(ids: list[str], source: str) -> list[str]:
+    """``ids`` without repeats (first occurrences, in order); repeats are reported in one note."""
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):
+        twice = [i for i, n in Counter(ids).items() if n > 1]
+        note(f"{source}: {len(ids) - len(unique)} duplicate line(s) for {len(twice)} id(s) "
+             f"({', '.join(twice[:5])}{', ...' if len(twice) > 5 else ''}); each image is used once")
+    return unique
 
 
 def read_labels_file(path: str | Path, classes: ClassList,
                      errors: dict[str, str] | None = None) -> dict[str, list[int]]:
-    """Image-level labels from a file, in file order per image (duplicates dropped).
+    """Image-level labels from a file, in file order per image (a label repeated on a line counts once;
+    an image listed twice needs the same labels both times, else it fails).
 
     An unknown class name raises ``SampleError``; with ``errors`` given, that image's message goes
     there instead (and the image is left out of the result), so one bad line fails one image only.
@@ -56,12 +90,12 @@ def read_labels_file(path: str | Path, classes: ClassList,
     rows: list[tuple[str, list[str]]] = []
     if path.suffix.lower() == ".json":
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(path.read_text(), object_pairs_hook=_Pairs)
         except ValueError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from e
-        if not isinstance(doc, dict):
+        if not isinstance(doc, _Pairs):
             raise ValueError(f"{path}: expected a JSON object mapping image id -> list of class names")
-        rows = [(str(k), [str(x) for x in (v if isinstance(v, list) else [v])]) for k, v in doc.items()]
+        rows = [(str(k), [str(x) for x in (v if isinstance(v, list) else [v])]) for k, v in doc]
     elif path.suffix.lower() == ".csv":
         with path.open(newline="") as f:
             for i, rec in enumerate(csv.reader(f)):
@@ -75,7 +109,18 @@ def read_labels_file(path: str | Path, classes: ClassList,
             if tok and not tok[0].startswith("#"):
                 rows.append((tok[0], tok[1:]))
     out: dict[str, list[int]] = {}
+    given: dict[str, list[str]] = {}
     for image_id, names in rows:
+        if image_id in given:  # the same id twice: fine when the lines agree, else that image fails
+            if [n.strip().lower() for n in names] != [n.strip().lower() for n in given[image_id]]:
+                msg = (f"{path}: image {image_id} is listed more than once with different labels "
+                       f"({' '.join(given[image_id])} / {' '.join(names)}); keep one line")
+                if errors is None:
+                    raise SampleError(msg)
+                errors[image_id] = msg
+                out.pop(image_id, None)
+            continue
+        given[image_id] = names
         ids: list[int] = []
         for n in names:
             try:
@@ -90,6 +135,10 @@ def read_labels_file(path: str | Path, classes: ClassList,
         else:
             out[image_id] = ids
     return out
+
+
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, so that a key given twice stays visible."""
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
@@ -114,6 +163,7 @@ class Dataset:
     """Common interface; subclasses say where files are."""
 
     name = "dataset"
+    layout = ""  # the expected layout, for the message of ``require``
 
     def __init__(self, root: str | Path, classes: ClassList, labels_file: str | Path | None = None):
         self.root = Path(root).expanduser()
@@ -142,24 +192,34 @@ class Dataset:
             raise SampleError(f"{self.name} image {image_id}: no labels file entry and no ground-truth mask to read labels from")
         return labels_from_mask(read_mask(mask, self.classes.num_classes), self.classes.num_classes)
 
+    def missing(self, need: str) -> str | None:
+        """What the root lacks for ``need`` ('images', 'labels' or 'masks'), or None."""
+        return None
+
     def default_ids(self, split: str) -> list[str]:
         shipped = sorted(p.stem for p in (DATA_DIR / "splits" / self.name).glob("*.txt"))
         raise FileNotFoundError(f"no split {split!r} for {self.name} (shipped: {', '.join(shipped) or 'none'}); "
                                 "pass one of those or a path to a list of image ids")
 
     # -- shared ------------------------------------------------------------------------------
+    def require(self, needs: Iterable[str]) -> None:
+        """Refuse a root without what a stage needs (``missing``), naming every missing part at once,
+        before any model loads or image is read."""
+        gaps = [m for n in needs if (m := self.missing(n))]
+        if gaps:
+            raise ValueError(f"{self.root}: this {self.name} dataset root has no {'; no '.join(gaps)}; "
+                             f"check ROOT= (--root){self.layout}")
+
     def ids(self, split: str) -> list[str]:
         """Ids of ``split``: a path to an id list, a list shipped in data/splits/<dataset>/, or the
-        dataset's own listing."""
-        p = Path(split).expanduser()
-        if p.is_file():
-            ids = read_id_list(p)
-        else:
-            shipped = DATA_DIR / "splits" / self.name / f"{split}.txt"
-            ids = read_id_list(shipped) if shipped.is_file() else self.default_ids(split)
+        dataset's own listing; an id listed twice is used once (and reported)."""
+        source = Path(split).expanduser()
+        if not source.is_file():
+            source = DATA_DIR / "splits" / self.name / f"{split}.txt"
+        ids = read_id_list(source) if source.is_file() else self.default_ids(split)
         if not ids:
             raise ValueError(f"split {split!r} of {self.name} has no image ids")
-        return list(dict.fromkeys(ids))
+        return unique_ids(ids, str(source))
 
     def labels(self, image_id: str) -> list[int]:
         """Foreground labels of an image, 0-based, in the reference's order; never empty."""
@@ -167,7 +227,9 @@ class Dataset:
             if image_id in self._label_errors:
                 raise SampleError(self._label_errors[image_id])
             if image_id not in self._labels:
-                raise SampleError(f"image {image_id}: not in the labels file; add a line for it or drop it from the split")
+                hint = " (an id with spaces needs a CSV or JSON labels file)" if " " in image_id else ""
+                raise SampleError(f"image {image_id}: not in the labels file{hint}; add a line for it or drop it "
+                                  "from the split")
             labels = self._labels[image_id]
         else:
             labels = self._own_labels(image_id)
@@ -181,9 +243,19 @@ class VOCDataset(Dataset):
     order, difficult objects included, as CLIP-ES), SegmentationClassAug/ or SegmentationClass/."""
 
     name = "voc"
+    layout = " (VOC2012: JPEGImages/, Annotations/, SegmentationClassAug/ or SegmentationClass/)"
 
     def __init__(self, root, classes: ClassList | None = None, labels_file=None):
         super().__init__(root, classes or builtin("voc"), labels_file)
+
+    def missing(self, need: str) -> str | None:
+        if need == "images" and not (self.root / "JPEGImages").is_dir():
+            return "JPEGImages/ (the images)"
+        if need == "labels" and self._labels is None and not (self.root / "Annotations").is_dir():
+            return "Annotations/ (image-level labels; or pass a labels file, --labels)"
+        if need == "masks" and not any((self.root / d).is_dir() for d in ("SegmentationClassAug", "SegmentationClass")):
+            return "SegmentationClassAug/ or SegmentationClass/ (ground-truth masks)"
+        return None
 
     def image_path(self, image_id: str) -> Path:
         return self.root / "JPEGImages" / f"{image_id}.jpg"
@@ -216,9 +288,20 @@ class COCODataset(Dataset):
     SegmentationClass/[<split>2014/]<id>.png; labels from a labels file (CLIP-ES format) or masks."""
 
     name = "coco"
+    layout = " (COCO in VOC style: JPEGImages/[train2014/], SegmentationClass/[train2014/], or train2014/)"
 
     def __init__(self, root, classes: ClassList | None = None, labels_file=None):
         super().__init__(root, classes or builtin("coco"), labels_file)
+
+    def missing(self, need: str) -> str | None:
+        masks = (self.root / "SegmentationClass").is_dir()
+        if need == "images" and not any((self.root / d).is_dir() for d in ("JPEGImages", "train2014", "val2014")):
+            return "JPEGImages/, train2014/ or val2014/ (the images)"
+        if need == "labels" and self._labels is None and not masks:
+            return "labels file (--labels, CLIP-ES's format) and no SegmentationClass/ to read labels from"
+        if need == "masks" and not masks:
+            return "SegmentationClass/ (ground-truth masks)"
+        return None
 
     @staticmethod
     def _subset(image_id: str) -> str:
@@ -271,6 +354,15 @@ class FolderDataset(Dataset):
     def has_masks(self) -> bool:
         return self.masks is not None
 
+    def missing(self, need: str) -> str | None:
+        if need == "images" and not self._paths:
+            return f"images ({', '.join(IMAGE_EXTS)}) in it or below"
+        if need == "labels" and self._labels is None:
+            return "labels file (--labels labels.csv|labels.json)"
+        if need == "masks" and (self.masks is None or not self.masks.is_dir()):
+            return f"folder of ground-truth masks ({f'{self.masks} not found' if self.masks else 'pass --masks DIR'})"
+        return None
+
     def default_ids(self, split: str) -> list[str]:
         """The labelled images, or every image found when there is no labels file (prediction)."""
         if self._labels is not None:
@@ -282,15 +374,34 @@ class FolderDataset(Dataset):
 
 
 def build_dataset(name: str, root: str | Path, classes: str | Path | None = None,
-                  labels: str | Path | None = None, masks: str | Path | None = None) -> Dataset:
-    """Dataset by name ('voc', 'coco', 'folder'); ``classes`` is a class YAML (required for folder)."""
+                  labels: str | Path | None = None, masks: str | Path | None = None,
+                  needs: Iterable[str] = ()) -> Dataset:
+    """Dataset by name ('voc', 'coco', 'folder'); ``classes`` is a class YAML (required for folder);
+    ``needs``: what the caller reads ('images', 'labels', 'masks'), refused now if the root lacks it."""
     vocab = ClassList.from_yaml(classes) if classes else None
     if name == "voc":
-        return VOCDataset(root, vocab, labels)
-    if name == "coco":
-        return COCODataset(root, vocab, labels)
-    if name == "folder":
+        ds: Dataset = VOCDataset(root, vocab, labels)
+    elif name == "coco":
+        ds = COCODataset(root, vocab, labels)
+    elif name == "folder":
         if vocab is None:
             raise ValueError("the folder dataset needs a class list (--classes classes.yaml, see data/voc.yaml)")
-        return FolderDataset(root, vocab, labels, masks)
-    raise ValueError(f"unknown dataset {name!r}; choose voc, coco or folder")
+        ds = FolderDataset(root, vocab, labels, masks)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose voc, coco or folder")
+    ds.require(needs)
+    return ds
+
+
+def image_folder(path: str | Path, class_names: Iterable[str]) -> FolderDataset:
+    """The images of a folder (found recursively) to predict with a model of ``class_names``; no labels
+    needed. ``ValueError`` naming the folder when it is missing or holds no image."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{path}: image folder not found; IMAGES= (--images) names a folder of images")
+    names = tuple(class_names)
+    ds = FolderDataset(path, ClassList(names=names, prompts=names, background=()))
+    if not ds._paths:
+        raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) in this folder or below; IMAGES= (--images) "
+                         "names a folder of images")
+    return ds

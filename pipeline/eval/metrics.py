@@ -205,13 +205,13 @@ def nan_to_none(values: Iterable[float]) -> list:
 # ------------------------------------------------------------------------------- split runners
 # Workers get paths, read their own files and send back small confusion matrices.
 def _cam_task(task: tuple, cam_key: str, taus: Sequence[float], bg: str, num_classes: int):
-    from ..data.camfile import load_cams, upsample_cams
+    from ..data.camfile import load_cams, missing_message, upsample_cams
     from ..labels.pseudo import read_gt
 
     image_id, cam_path, gt_path = task
     try:
         if not Path(cam_path).is_file():
-            raise FileNotFoundError(f"{cam_path}: CAM file not found; run the CAM stage for this image (make cams)")
+            raise FileNotFoundError(missing_message(cam_path))
         d = load_cams(cam_path)
         if cam_key not in d:
             raise ValueError(f"{cam_path}: has no {cam_key!r} array (CAM stage run without --save-init?)")

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import crf
-from ..data.camfile import check_cams, load_cams, upsample_cams
+from ..data.camfile import check_cams, load_cams, missing_message, upsample_cams
 from .crf import DEFAULT_MAX_PIXELS
 from ..data.datasets import Dataset, SampleError, read_mask
 from ..data.image import DEFAULT_MAX_PATCHES, PATCH, load_rgb, normalize_then_resize, target_size
@@ -141,7 +141,7 @@ def load_cams_for(cam_path: str | Path, image_size: tuple[int, int], num_classes
     (class ids, finite values, patch grid)."""
     cam_path = Path(cam_path)
     if not cam_path.is_file():
-        raise SampleError(f"{cam_path}: CAM file not found; run the CAM stage for this image (make cams)")
+        raise SampleError(missing_message(cam_path))
     d = load_cams(cam_path)
     size = tuple(int(v) for v in d["image_size"])
     if size != tuple(image_size):
