@@ -91,3 +91,54 @@ def test_cpu_half_precision_is_refused_with_a_clear_message():
     u, g = inputs(1, 3, 4, 5)
     with pytest.raises(ValueError, match="float32 or float64"):
         torch_backend.dense_crf(u.half(), g, crf.CRFParams())
+
+
+def batch_inputs(sizes, labels, seed=0):
+    """float16 probabilities (checked), guides and label values of synthetic scenes, as the pseudo stage
+    prepares them, and the scenes themselves."""
+    from pipeline.data import synthetic
+    from pipeline.data.camfile import upsample_cams
+
+    scenes, probs, guides, values = [], [], [], []
+    for i, size in enumerate(sizes):
+        img, keys, cams = synthetic.scene_with_cams(np.random.default_rng(seed + i), size, labels)
+        cams = upsample_cams(cams, size)
+        scenes.append((img, keys, cams))
+        probs.append(torch.from_numpy(crf.background_probs(cams)))
+        guides.append(torch.from_numpy(crf.wrapped_guide(img)))
+        values.append(torch.from_numpy(crf.keys_ext(keys)))
+    return scenes, probs, guides, torch.stack(values)
+
+
+def test_half_unary_is_numpys_float16_arithmetic():
+    from pipeline.labels.crf.batch import half_unary, unary_table
+
+    p = np.random.default_rng(5).uniform(0, 1.2, (3, 7, 9)).astype(np.float16)
+    p[0, 0, :4] = [0, -0.0, 1, 1e-7]
+    got = half_unary(torch.from_numpy(p), unary_table("cpu"))
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy().reshape(3, -1), crf.unary_energy(p))
+
+
+@pytest.mark.parametrize("confidence,power", [("crf", 1.0), ("raw", 2.0), ("none", 1.0)])
+def test_refine_batch_equals_refine_image_by_image(confidence, power):
+    from pipeline.labels.crf.batch import refine_batch, unary_table
+
+    sizes = [(30, 40), (27, 35), (30, 40)]
+    scenes, _, guides, values = batch_inputs(sizes, 2, seed=7)
+    probs = [torch.from_numpy(crf.background_probs(cams, power)) for _, _, cams in scenes]
+    flat = refine_batch(probs, guides, values, crf.CRFParams(), 0.9, confidence, unary_table("cpu"))
+    got = np.split(flat.numpy(), np.cumsum([h * w for h, w in sizes])[:-1])
+    for (img, keys, cams), label in zip(scenes, got):
+        want = crf.refine(img, keys, cams, conf=0.9, confidence=confidence, power=power, backend="torch")
+        assert np.array_equal(label.reshape(want.shape), want)
+
+
+def test_refine_batch_follows_the_inputs_device(strict_device):
+    from pipeline.labels.crf.batch import refine_batch, unary_table
+
+    _, probs, guides, values = batch_inputs([(12, 16), (10, 14)], 3, seed=9)
+    p = crf.CRFParams(iters=2)
+    want = refine_batch(probs, guides, values, p, 0.95, "raw", unary_table("cpu"))
+    with strict_device():
+        got = refine_batch(probs, guides, values, p, 0.95, "raw", unary_table("cpu"))
+    assert got.device.type == "cpu" and torch.equal(got, want)

@@ -27,6 +27,14 @@ def pixel_grid(height: int, width: int, device=None) -> torch.Tensor:
     return torch.stack([x, y], -1).reshape(-1, 2)
 
 
+def image_points(sizes: Sequence[tuple[int, int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels of images of (H_i, W_i) ``sizes``, image after image, row-major: (P, 2) float32 (x, y) and
+    (P,) int64 image index."""
+    xy = torch.cat([pixel_grid(h, w, device) for h, w in sizes])
+    groups = torch.cat([torch.full((h * w,), i, device=device) for i, (h, w) in enumerate(sizes)])
+    return xy, groups
+
+
 def pixel_features(xy: torch.Tensor, sxy: float, colors: torch.Tensor | None = None,
                    srgb: float | None = None) -> torch.Tensor:
     """(P, 2) float32 (x, y)[, (P, 3) uint8 guide colours] -> (P, 2 or 5) float32 features
@@ -119,8 +127,7 @@ def dense_crf_images(unaries: Sequence[torch.Tensor], guides: Sequence[torch.Ten
             raise ValueError(f"guide must be uint8 {(*u.shape[1:], 3)} to match its unary, got {g.dtype} {tuple(g.shape)}")
     u = torch.cat([x.permute(1, 2, 0).reshape(-1, C) for x in unaries])
     check_unary(u)
-    xy = torch.cat([pixel_grid(x.shape[1], x.shape[2], dev) for x in unaries])
-    groups = torch.cat([torch.full((x.shape[1] * x.shape[2],), i, device=dev) for i, x in enumerate(unaries)])
+    sizes = [tuple(x.shape[1:]) for x in unaries]
+    xy, groups = image_points(sizes, dev)
     q = crf_points(u, xy, torch.cat([g.to(dev).reshape(-1, 3) for g in guides]), groups, len(unaries), params)
-    return [p.view(x.shape[1], x.shape[2], C).permute(2, 0, 1)
-            for p, x in zip(q.split([x.shape[1] * x.shape[2] for x in unaries]), unaries)]
+    return [p.view(h, w, C).permute(2, 0, 1) for p, (h, w) in zip(q.split([h * w for h, w in sizes]), sizes)]
