@@ -142,3 +142,17 @@ def test_refine_batch_follows_the_inputs_device(strict_device):
     with strict_device():
         got = refine_batch(probs, guides, values, p, 0.95, "raw", unary_table("cpu"))
     assert got.device.type == "cpu" and torch.equal(got, want)
+
+
+def test_inference_crf_path_follows_the_inputs_device(strict_device):
+    """``eval.infer``'s CRF on model probabilities (float32), whole and through the resolution cap."""
+    from pipeline.eval.infer import crf_refine
+
+    (img, _, cams), = batch_inputs([(40, 60)], 3, seed=11)[0]
+    probs = crf.background_probs(cams.astype(np.float32))
+    p, guide = crf.PRESETS["weclip"].params, crf.PRESETS["weclip"].guide
+    want = [crf_refine(img, probs, p, guide, "torch", "cpu", cap) for cap in (None, 1200)]
+    with strict_device():
+        got = [crf_refine(img, probs, p, guide, "torch", "cpu", cap) for cap in (None, 1200)]
+    assert got[1].shape[1:] == crf.capped_size(40, 60, 1200)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))

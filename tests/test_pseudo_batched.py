@@ -1,7 +1,8 @@
-"""The pseudo-label stage with the torch CRF: threads read and write while one device labels batches of
-images of mixed sizes and label counts. Its labels equal ``pseudo_label`` image by image, with every
-confidence rule, guide and the resolution cap; per-image errors are the worker path's; ``cams-pseudo``
-streams through it; and a failed write (a full disk) stops the run, naming the image, on both paths."""
+"""The pseudo-label stage with the torch CRF as it runs on a GPU (here on the CPU, asked for by a batch
+size): threads read and write while one device labels batches of images of mixed sizes and label counts.
+Its labels equal ``pseudo_label`` image by image, with every confidence rule, guide and the resolution cap;
+per-image errors are the worker path's; ``cams-pseudo`` streams through it; and a failed write (a full
+disk) stops the run, naming the image, on both paths."""
 import errno
 import json
 import shutil
@@ -72,7 +73,7 @@ def test_per_image_errors_are_the_worker_paths(scenes, tmp_path):
     out.mkdir()
     (out / f"{ids[1]}.png").write_bytes(b"a label from an older run")
     batched = run_pseudo(ds, ids, root / "cams", out, PseudoConfig(backend="torch"), n_jobs=2, progress=False,
-                         overwrite=True)
+                         overwrite=True, batch=4)
     workers = run_pseudo(ds, ids, root / "cams", tmp_path / "dcrf", PseudoConfig(backend="pydensecrf"), n_jobs=1,
                          progress=False)
     assert batched["errors"] == workers["errors"] and sorted(batched["errors"]) == sorted([ids[1], ids[2], ids[6]])
@@ -83,7 +84,8 @@ def test_per_image_errors_are_the_worker_paths(scenes, tmp_path):
 def test_cams_pseudo_streams_through_the_batched_crf(mixed, tmp_path):
     root, ids = mixed
     cfg = PseudoConfig(backend="torch")
-    labeller = StreamingLabeller(build_dataset("voc", root), tmp_path / "s", cfg, cams_config=None, n_jobs=2)
+    labeller = StreamingLabeller(build_dataset("voc", root), tmp_path / "s", cfg, cams_config=None, n_jobs=2, batch=4)
+    assert labeller.pool is None
     for i in ids:
         d = load_cams(root / "cams" / f"{i}.npz")
         labeller.submit(i, d["keys"], d["cams"])
@@ -91,24 +93,39 @@ def test_cams_pseudo_streams_through_the_batched_crf(mixed, tmp_path):
     assert all(np.array_equal(read_label(tmp_path / "s" / f"{i}.png"), expected(root, i, cfg)) for i in ids)
 
 
-@pytest.mark.parametrize("backend", ["torch", "pydensecrf"])
-def test_a_failed_write_stops_the_run_and_names_the_image(scenes, monkeypatch, capsys, backend):
+def full_disk_at_the_second_write(monkeypatch) -> list[str]:
+    """Make the stage's label writer fail as ``io.atomic_open`` reports a full disk, from its second call on."""
     from pipeline.labels import pseudo
-    from stages.pseudo import main
 
-    root, ids = scenes
     real, tried = pseudo.write_label, []
 
-    def full_disk(path, label, fmt="palette"):
+    def write(path, label, fmt="palette"):
         tried.append(str(path))
-        if len(tried) == 2:  # as io.atomic_open reports it
+        if len(tried) >= 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, label, fmt)
 
-    monkeypatch.setattr("pipeline.labels.pseudo.write_label", full_disk)
+    monkeypatch.setattr("pipeline.labels.pseudo.write_label", write)
+    return tried
+
+
+def test_a_failed_write_stops_the_run_and_names_the_image(scenes, monkeypatch, capsys):
+    from stages.pseudo import main
+
+    root, ids = scenes
+    tried = full_disk_at_the_second_write(monkeypatch)
     out = root / "pseudo"
     assert main(["--dataset", "voc", "--root", str(root), "--split", str(root / "all.txt"), "--cams",
-                 str(root / "cams"), "--out", str(out), "-j", "1", "--no-progress", "--crf-backend", backend]) == 2
+                 str(root / "cams"), "--out", str(out), "-j", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(tried) == 2 and f"{tried[1]}: no space left on device; free some space" in err
     assert [p.name for p in out.glob("*.png")] == [tried[0].rsplit("/", 1)[1]]
+
+
+def test_a_failed_write_stops_the_batched_run_too(scenes, monkeypatch):
+    root, ids = scenes
+    tried = full_disk_at_the_second_write(monkeypatch)
+    with pytest.raises(OSError) as e:
+        run_pseudo(build_dataset("voc", root), ids, root / "cams", root / "pseudo", PseudoConfig(backend="torch"),
+                   n_jobs=1, progress=False, batch=2)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == tried[1] and len(tried) == 2

@@ -2,9 +2,9 @@
 per image.
 
 ``pseudo_label`` labels one in-memory image (the CAM stage can call it without writing CAM files);
-``run_pseudo`` runs a whole split: with the torch CRF, threads read and prepare the images and write the
-PNGs while this process labels batches of them on its device (``batched``); otherwise one image per task
-in joblib worker processes that read their own inputs (only ids and paths travel). Both write PNGs
+``run_pseudo`` runs a whole split: with the torch CRF on a GPU, threads read and prepare the images and
+write the PNGs while this process labels batches of them on the device (``batched``); otherwise one image
+per task in joblib worker processes that read their own inputs (only ids and paths travel). Both write PNGs
 atomically, keep a manifest of the config, resume by skipping finished PNGs and put one clear message per
 failed image in ``errors.json`` while the rest completes; a failed write (a full disk) stops the run,
 naming the file.
@@ -73,11 +73,13 @@ class PseudoConfig:
         note = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         return replace(self, backend=crf.resolve_backend(self.backend, self.device, log=note))
 
-    @property
-    def batched(self) -> bool:
-        """The torch CRF labels in this process, in batches on ``device`` (``batched.DeviceLabeller``);
-        the other refinements label one image per worker process."""
-        return self.refine == "crf" and self.backend == "torch"
+    def batch_size(self, batch: int | None = None) -> int | None:
+        """Images per device batch when the torch CRF labels in this process (``batched.DeviceLabeller``):
+        ``batch``, by default ``GPU_BATCH`` on an accelerator; None: one image per worker process (the other
+        refinements, and the torch CRF on the CPU, where a core per image outruns threads in one process)."""
+        if self.refine != "crf" or self.backend != "torch":
+            return None
+        return batch or (GPU_BATCH if not self.device.startswith("cpu") else None)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,6 +88,7 @@ class PseudoConfig:
 
 
 REFINES = ("crf", "par")
+GPU_BATCH = 8  # images per torch CRF batch on a GPU
 
 
 def resolve_par(cfg: PseudoConfig, cams_config: Any) -> PseudoConfig:
@@ -230,7 +233,7 @@ def prepare_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple |
 
 
 def device_labeller(cfg: PseudoConfig, num_classes: int, on_result: Callable[[str, str | None], None],
-                    n_jobs: int | None = None, batch: int = 8) -> DeviceLabeller:
+                    n_jobs: int | None = None, batch: int = GPU_BATCH) -> DeviceLabeller:
     """The batched torch CRF of ``cfg`` on its device, with ``n_jobs`` reader and writer threads;
     ``submit(task, arrays=None)``."""
     return DeviceLabeller(lambda task, arrays=None: prepare_one(task, cfg, num_classes, arrays),
@@ -298,13 +301,13 @@ def stage_config(dataset: Dataset, cams_dir: str | Path, cfg: PseudoConfig) -> d
 
 def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_dir: str | Path,
                cfg: PseudoConfig = PseudoConfig(), n_jobs: int | None = None, overwrite: bool = False,
-               progress: bool = True, batch: int = 8) -> dict[str, Any]:
+               progress: bool = True, batch: int | None = None) -> dict[str, Any]:
     """Label every id; returns {total, done, skipped, failed, seconds, images_per_s, out, errors}.
 
     Resumes when ``out_dir`` holds labels of the same config (existing PNGs are kept); raises
     ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``; raises the ``OSError`` of
     the first failed write. ``n_jobs``: worker processes, or reader/writer threads of the batched torch CRF,
-    which labels up to ``batch`` images at a time.
+    which labels up to ``batch`` images at a time (``PseudoConfig.batch_size``).
     """
     cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
     cfg = for_dataset(resolve_par(cfg, _cams_provenance(cams_dir)), dataset).resolved()
@@ -323,7 +326,8 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
         tasks.append(Task(image_id, str(dataset.image_path(image_id)), str(cams_dir / f"{image_id}.npz"), str(out),
                           None if gt is None else str(gt), max_patches, input_size))
     t0 = time.perf_counter()
-    if cfg.batched:
+    batch = cfg.batch_size(batch)
+    if batch:
         errors = label_batched(tasks, cfg, dataset.classes.num_classes, n_jobs, batch, progress)
     else:
         errors = {i: msg for i, msg in run_tasks(label_one, tasks, (cfg, dataset.classes.num_classes), n_jobs,
@@ -343,33 +347,32 @@ def label_batched(tasks: Sequence[Task], cfg: PseudoConfig, num_classes: int, n_
     from tqdm import tqdm
 
     errors: dict[str, str] = {}
-    bar = tqdm(total=len(tasks), desc="pseudo", unit="img", disable=not progress or not tasks, dynamic_ncols=True)
+    with tqdm(total=len(tasks), desc="pseudo", unit="img", disable=not progress or not tasks, dynamic_ncols=True) as bar:
 
-    def record(image_id: str, err: str | None) -> None:
-        if err:
-            errors[image_id] = err
-        bar.update(1)
+        def record(image_id: str, err: str | None) -> None:
+            if err:
+                errors[image_id] = err
+            bar.update(1)
 
-    labeller = device_labeller(cfg, num_classes, record, n_jobs, batch)
-    try:
-        for task in tasks:
-            labeller.submit(task)
-    finally:
-        labeller.close()
-        bar.close()
+        labeller = device_labeller(cfg, num_classes, record, n_jobs, batch)
+        try:
+            for task in tasks:
+                labeller.submit(task)
+        finally:
+            labeller.close()
     return errors
 
 
 # ------------------------------------------------------------------- labels straight from the CAM stage
 class StreamingLabeller:
     """Labels images while the CAM stage produces their CAMs (``make cams-pseudo``), so CAM files need
-    not be kept. The torch CRF labels batches on the CAM stage's device (``device_labeller``), other
-    refinements run in a process pool; either way at most a few images per worker wait, which bounds
-    memory and paces the CAM stage to the labelling speed. Resumable like ``run_pseudo`` (finished PNGs
+    not be kept. The torch CRF on a GPU labels batches on the CAM stage's device (``device_labeller``;
+    ``batch``: see ``PseudoConfig.batch_size``), the rest runs in a process pool; either way at most a few
+    images per worker wait, which bounds memory and paces the CAM stage to the labelling speed. Resumable like ``run_pseudo`` (finished PNGs
     count); a failed write stops the run (``submit`` or ``close`` raise it)."""
 
     def __init__(self, dataset: Dataset, out_dir: str | Path, cfg: PseudoConfig, cams_config: Any,
-                 n_jobs: int | None = None, overwrite: bool = False):
+                 n_jobs: int | None = None, overwrite: bool = False, batch: int | None = None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -384,9 +387,10 @@ class StreamingLabeller:
         self.pending: list = []
         self.errors: dict[str, str] = {}
         self.done_count = 0
-        self.device = device_labeller(cfg, dataset.classes.num_classes, self._record, self.n_jobs) if cfg.batched else None
+        batch = cfg.batch_size(batch)
+        self.device = device_labeller(cfg, dataset.classes.num_classes, self._record, self.n_jobs, batch) if batch else None
         # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
-        self.pool = None if cfg.batched else ProcessPoolExecutor(
+        self.pool = None if batch else ProcessPoolExecutor(
             self.n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init)
 
     def path(self, image_id: str) -> Path:

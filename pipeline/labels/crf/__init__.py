@@ -3,7 +3,8 @@ eval_cam_with_crf.py, deeplab-pytorch's test script, WeCLIP and ExCEL run it, wi
 
 - ``pydensecrf``: the C++ library (pydensecrf / pydensecrf2; optional, needs a compiler to install);
 - ``torch``: the same mean-field inference on the permutohedral lattice in plain PyTorch
-  (``torch_backend``, ``permutohedral``), on any device, for a batch of same-size images at once.
+  (``torch_backend``, ``permutohedral``), on any device, for a batch of images at once; ``batch`` makes
+  the label maps of such a batch on the device, equal to ``refine``'s.
 
 Small pure functions (numpy in, numpy out); ``dense_crf`` runs the inference on either backend,
 ``crf_scores`` adds the resolution cap for huge images and ``refine`` makes one image's label map.
