@@ -41,7 +41,7 @@ def refine_batch(probs: Sequence[torch.Tensor], guides: Sequence[torch.Tensor], 
     colors = torch.cat([g.to(dev, non_blocking=True).reshape(-1, 3) for g in guides])
     xy, groups = image_points([tuple(x.shape[1:]) for x in probs], dev)
     q = crf_points(half_unary(p, table), xy, colors, groups, len(probs), params)
-    label = values.to(dev)[groups, q.argmax(1)]
+    label = values.to(dev, non_blocking=True)[groups, q.argmax(1)]
     if confidence == "crf":
         return label.masked_fill(q.amax(1) < conf, IGNORE_INDEX)
     if confidence == "raw":
