@@ -6,8 +6,11 @@ Defaults reproduce CLIP-ES's eval_cam_with_crf.py (--crf-preset clipes: wrapped 
 confidence 0.95, GT required); --crf-preset, --guide, --confidence raw|none and --no-require-gt change that.
 --crf-backend auto runs the dense CRF with PyTorch on a GPU, with pydensecrf on the CPU (PyTorch when
 pydensecrf is not installed); images above --crf-max-pixels are labelled from a scaled-down CRF.
+-j: worker processes; with the PyTorch CRF, threads that read images and write labels while this process
+labels batches of images on --device.
 --refine par labels as ExCEL does instead: PAR guided by the image, argmax, no 255.
-Exit status: 0 all labelled, 1 some images failed (see errors.json), 2 bad arguments or stale outputs.
+Exit status: 0 all labelled, 1 some images failed (see errors.json), 2 bad arguments, stale outputs or a
+failed write (a full disk: the run stops there, naming the file).
 """
 from __future__ import annotations
 

@@ -42,8 +42,8 @@ def strict_device():
         torch.set_default_device("meta")
         try:
             yield
-        finally:
-            torch.set_default_device(before)
+        finally:  # None, not 'cpu': setting 'cpu' would leave a device mode active that wraps every later call
+            torch.set_default_device(None if before == torch.device("cpu") else before)
 
     return ctx
 

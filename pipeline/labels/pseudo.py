@@ -2,9 +2,12 @@
 per image.
 
 ``pseudo_label`` labels one in-memory image (the CAM stage can call it without writing CAM files);
-``run_pseudo`` runs a whole split: one image per task in joblib worker processes that read their own
-inputs (only ids and paths travel), atomic PNG writes, a manifest of the config, resume by skipping
-finished PNGs, and one clear message per failed image in ``errors.json`` while the rest completes.
+``run_pseudo`` runs a whole split: with the torch CRF on a GPU, threads read and prepare the images and
+write the PNGs while this process labels batches of them on the device (``batched``); otherwise one image
+per task in joblib worker processes that read their own inputs (only ids and paths travel). Both write PNGs
+atomically, keep a manifest of the config, resume by skipping finished PNGs and put one clear message per
+failed image in ``errors.json`` while the rest completes; a failed write (a full disk) stops the run,
+naming the file.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import crf
+from .batched import DeviceLabeller, Item
 from ..data.camfile import check_cams, load_cams, missing_message, upsample_cams
 from .crf import DEFAULT_MAX_PIXELS
 from ..data.datasets import Dataset, SampleError, read_mask
@@ -69,10 +73,13 @@ class PseudoConfig:
         note = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
         return replace(self, backend=crf.resolve_backend(self.backend, self.device, log=note))
 
-    @property
-    def in_process(self) -> bool:
-        """The torch backend on a GPU labels in this process (worker processes would each claim the GPU)."""
-        return self.backend == "torch" and self.device.startswith("cuda")
+    def batch_size(self, batch: int | None = None) -> int | None:
+        """Images per device batch when the torch CRF labels in this process (``batched.DeviceLabeller``):
+        ``batch``, by default ``GPU_BATCH`` on an accelerator; None: one image per worker process (the other
+        refinements, and the torch CRF on the CPU, where a core per image outruns threads in one process)."""
+        if self.refine != "crf" or self.backend != "torch":
+            return None
+        return batch or (GPU_BATCH if not self.device.startswith("cpu") else None)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -81,6 +88,7 @@ class PseudoConfig:
 
 
 REFINES = ("crf", "par")
+GPU_BATCH = 8  # images per torch CRF batch on a GPU
 
 
 def resolve_par(cfg: PseudoConfig, cams_config: Any) -> PseudoConfig:
@@ -176,21 +184,62 @@ class Task:
     input_size: int | None = None           # the CAM stage's square input (ExCEL --input-size), if any
 
 
-def label_one(task: Task, cfg: PseudoConfig, num_classes: int) -> tuple[str, str | None]:
-    """Worker body: read, label, write. Returns (id, None) or (id, error message); never raises."""
+def error_message(e: Exception) -> str:
+    """One line for an image's failure: the message of our errors, the type too for anything else."""
+    return str(e) if isinstance(e, (SampleError, ValueError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+def read_inputs(task: Task, num_classes: int, arrays: tuple | None, require_gt: bool) -> tuple:
+    """(image RGB uint8 (H, W, 3), keys (K,), patch CAMs (K, h, w)) of a task, checked: from its CAM file,
+    or ``arrays`` = (keys, CAMs) handed over by the CAM stage; its GT mask must exist when ``require_gt``."""
+    image = load_rgb(task.image)
+    if arrays is None:
+        d = load_cams_for(task.cams, image.shape[:2], num_classes, task.max_patches, task.input_size)
+        arrays = d["keys"], d["cams"]
+    if require_gt:
+        read_gt(task.gt, task.image_id, num_classes, image.shape[:2])
+    return image, np.asarray(arrays[0]), np.asarray(arrays[1])
+
+
+def label_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple | None = None) -> tuple[str, str | None]:
+    """Worker body: read, label, write. Returns (id, None) or (id, error message); raises only for a
+    failed write (every later one would fail too: the run stops)."""
     try:
-        image = load_rgb(task.image)
-        size = image.shape[:2]
-        d = load_cams_for(task.cams, size, num_classes, task.max_patches, task.input_size)
-        if cfg.require_gt:
-            read_gt(task.gt, task.image_id, num_classes, size)
-        label = pseudo_label(image, d["keys"], d["cams"], cfg)
-        write_label(task.out, label, cfg.format)
-        return task.image_id, None
+        label = pseudo_label(*read_inputs(task, num_classes, arrays, cfg.require_gt), cfg)
     except Exception as e:  # one bad image must not stop the split
         Path(task.out).unlink(missing_ok=True)  # never leave a label from an older run for a failed image
-        msg = str(e) if isinstance(e, (SampleError, ValueError, OSError)) else f"{type(e).__name__}: {e}"
-        return task.image_id, msg
+        return task.image_id, error_message(e)
+    write_label(task.out, label, cfg.format)
+    return task.image_id, None
+
+
+def prepare_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple | None = None) -> Item:
+    """Reader thread of the batched torch CRF: an image's float16 probabilities, guide and label values,
+    checked as ``crf.refine`` checks them (or its label, for an image above the resolution cap, labelled
+    alone; or its error)."""
+    try:
+        image, keys, cams_patch = read_inputs(task, num_classes, arrays, cfg.require_gt)
+        size = image.shape[:2]
+        if crf.capped_size(*size, cfg.max_pixels) != size:
+            return Item(task.image_id, task.out, label=pseudo_label(image, keys, cams_patch, cfg))
+        cams = upsample_cams(cams_patch, size)
+        crf.check_refine(image, cams, cfg.confidence)
+        probs = crf.background_probs(cams, cfg.power)
+        crf.check_probs(probs)
+        return Item(task.image_id, task.out, probs=probs, guide=crf.guide_image(image, cfg.guide),
+                    values=crf.keys_ext(keys))
+    except Exception as e:  # one bad image must not stop the split
+        return Item(task.image_id, task.out, error=error_message(e))
+
+
+def device_labeller(cfg: PseudoConfig, num_classes: int, on_result: Callable[[str, str | None], None],
+                    n_jobs: int | None = None, batch: int = GPU_BATCH) -> DeviceLabeller:
+    """The batched torch CRF of ``cfg`` on its device, with ``n_jobs`` reader and writer threads;
+    ``submit(task, arrays=None)``."""
+    return DeviceLabeller(lambda task, arrays=None: prepare_one(task, cfg, num_classes, arrays),
+                          lambda out, label: write_label(out, label, cfg.format), on_result,
+                          params=cfg.crf, conf=cfg.conf, confidence=cfg.confidence, device=cfg.device,
+                          jobs=default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs, batch=batch)
 
 
 # ---------------------------------------------------------------------------- parallel driver
@@ -252,16 +301,16 @@ def stage_config(dataset: Dataset, cams_dir: str | Path, cfg: PseudoConfig) -> d
 
 def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_dir: str | Path,
                cfg: PseudoConfig = PseudoConfig(), n_jobs: int | None = None, overwrite: bool = False,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, batch: int | None = None) -> dict[str, Any]:
     """Label every id; returns {total, done, skipped, failed, seconds, images_per_s, out, errors}.
 
     Resumes when ``out_dir`` holds labels of the same config (existing PNGs are kept); raises
-    ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``.
+    ``io.StaleOutputError`` when it holds another config's, unless ``overwrite``; raises the ``OSError`` of
+    the first failed write. ``n_jobs``: worker processes, or reader/writer threads of the batched torch CRF,
+    which labels up to ``batch`` images at a time (``PseudoConfig.batch_size``).
     """
     cams_dir, out_dir = Path(cams_dir), check_output_folder(out_dir)
     cfg = for_dataset(resolve_par(cfg, _cams_provenance(cams_dir)), dataset).resolved()
-    if cfg.in_process:
-        n_jobs = 1
     config = stage_config(dataset, cams_dir, cfg)
     max_patches = (config["cams_config"] or {}).get("max_patches") or DEFAULT_MAX_PATCHES
     input_size = cams_input_size(config["cams_config"])
@@ -277,8 +326,12 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
         tasks.append(Task(image_id, str(dataset.image_path(image_id)), str(cams_dir / f"{image_id}.npz"), str(out),
                           None if gt is None else str(gt), max_patches, input_size))
     t0 = time.perf_counter()
-    errors = {i: msg for i, msg in run_tasks(label_one, tasks, (cfg, dataset.classes.num_classes), n_jobs,
-                                             desc="pseudo", progress=progress) if msg}
+    batch = cfg.batch_size(batch)
+    if batch:
+        errors = label_batched(tasks, cfg, dataset.classes.num_classes, n_jobs, batch, progress)
+    else:
+        errors = {i: msg for i, msg in run_tasks(label_one, tasks, (cfg, dataset.classes.num_classes), n_jobs,
+                                                 desc="pseudo", progress=progress) if msg}
     seconds = time.perf_counter() - t0
     write_errors(out_dir, errors)
     summary = {"total": len(ids), "done": len(tasks) - len(errors), "skipped": skipped, "failed": len(errors),
@@ -288,29 +341,38 @@ def run_pseudo(dataset: Dataset, ids: Sequence[str], cams_dir: str | Path, out_d
     return {**summary, "errors": errors}
 
 
+def label_batched(tasks: Sequence[Task], cfg: PseudoConfig, num_classes: int, n_jobs: int | None, batch: int,
+                  progress: bool = True) -> dict[str, str]:
+    """Label ``tasks`` with the batched torch CRF (``device_labeller``) under a tqdm bar; {id: error}."""
+    from tqdm import tqdm
+
+    errors: dict[str, str] = {}
+    with tqdm(total=len(tasks), desc="pseudo", unit="img", disable=not progress or not tasks, dynamic_ncols=True) as bar:
+
+        def record(image_id: str, err: str | None) -> None:
+            if err:
+                errors[image_id] = err
+            bar.update(1)
+
+        labeller = device_labeller(cfg, num_classes, record, n_jobs, batch)
+        try:
+            for task in tasks:
+                labeller.submit(task)
+        finally:
+            labeller.close()
+    return errors
+
+
 # ------------------------------------------------------------------- labels straight from the CAM stage
-def label_arrays(task: Task, keys: np.ndarray, cams_patch: np.ndarray, cfg: PseudoConfig,
-                 num_classes: int) -> tuple[str, str | None]:
-    """Worker body for CAMs handed over in memory (no CAM file): like ``label_one``."""
-    try:
-        image = load_rgb(task.image)
-        if cfg.require_gt:
-            read_gt(task.gt, task.image_id, num_classes, image.shape[:2])
-        write_label(task.out, pseudo_label(image, keys, cams_patch, cfg), cfg.format)
-        return task.image_id, None
-    except Exception as e:  # one bad image must not stop the split
-        Path(task.out).unlink(missing_ok=True)
-        msg = str(e) if isinstance(e, (SampleError, ValueError, OSError)) else f"{type(e).__name__}: {e}"
-        return task.image_id, msg
-
-
 class StreamingLabeller:
     """Labels images while the CAM stage produces their CAMs (``make cams-pseudo``), so CAM files need
-    not be kept. CRFs run in a process pool; at most a few tasks per worker wait, which bounds memory
-    and paces the CAM stage to the CRF's speed. Resumable like ``run_pseudo`` (finished PNGs count)."""
+    not be kept. The torch CRF on a GPU labels batches on the CAM stage's device (``device_labeller``;
+    ``batch``: see ``PseudoConfig.batch_size``), the rest runs in a process pool; either way at most a few
+    images per worker wait, which bounds memory and paces the CAM stage to the labelling speed. Resumable like ``run_pseudo`` (finished PNGs
+    count); a failed write stops the run (``submit`` or ``close`` raise it)."""
 
     def __init__(self, dataset: Dataset, out_dir: str | Path, cfg: PseudoConfig, cams_config: Any,
-                 n_jobs: int | None = None, overwrite: bool = False):
+                 n_jobs: int | None = None, overwrite: bool = False, batch: int | None = None):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
@@ -322,12 +384,14 @@ class StreamingLabeller:
         self.resume = check_manifest(self.out, self.config, overwrite=overwrite, outputs="*.png")
         write_manifest(self.out, self.config, status="running")
         self.n_jobs = default_jobs() if n_jobs is None or n_jobs < 1 else n_jobs
-        # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
-        self.pool = None if cfg.in_process else ProcessPoolExecutor(
-            self.n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init)
         self.pending: list = []
         self.errors: dict[str, str] = {}
         self.done_count = 0
+        batch = cfg.batch_size(batch)
+        self.device = device_labeller(cfg, dataset.classes.num_classes, self._record, self.n_jobs, batch) if batch else None
+        # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
+        self.pool = None if batch else ProcessPoolExecutor(
+            self.n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init)
 
     def path(self, image_id: str) -> Path:
         return self.out / f"{image_id}.png"
@@ -339,12 +403,11 @@ class StreamingLabeller:
         gt = self.dataset.mask_path(image_id)
         task = Task(image_id, str(self.dataset.image_path(image_id)), "", str(self.path(image_id)),
                     None if gt is None else str(gt))
-        if self.pool is None:
-            self._record(*label_arrays(task, np.asarray(keys), np.asarray(cams_patch), self.cfg,
-                                       self.dataset.classes.num_classes))
+        arrays = np.asarray(keys), np.asarray(cams_patch)
+        if self.device is not None:
+            self.device.submit(task, arrays)
             return
-        self.pending.append(self.pool.submit(label_arrays, task, np.asarray(keys), np.asarray(cams_patch), self.cfg,
-                                             self.dataset.classes.num_classes))
+        self.pending.append(self.pool.submit(label_one, task, self.cfg, self.dataset.classes.num_classes, arrays))
         while len(self.pending) > 4 * self.n_jobs:
             self._collect(self.pending.pop(0))
 
@@ -359,6 +422,8 @@ class StreamingLabeller:
 
     def close(self, failed_upstream: dict[str, str] | None = None) -> dict[str, str]:
         """Wait for every label; write errors.json and the final manifest. Returns the errors."""
+        if self.device is not None:
+            self.device.close()
         for future in self.pending:
             self._collect(future)
         self.pending = []

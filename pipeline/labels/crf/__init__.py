@@ -3,7 +3,8 @@ eval_cam_with_crf.py, deeplab-pytorch's test script, WeCLIP and ExCEL run it, wi
 
 - ``pydensecrf``: the C++ library (pydensecrf / pydensecrf2; optional, needs a compiler to install);
 - ``torch``: the same mean-field inference on the permutohedral lattice in plain PyTorch
-  (``torch_backend``, ``permutohedral``), on any device, for a batch of same-size images at once.
+  (``torch_backend``, ``permutohedral``), on any device, for a batch of images at once; ``batch`` makes
+  the label maps of such a batch on the device, equal to ``refine``'s.
 
 Small pure functions (numpy in, numpy out); ``dense_crf`` runs the inference on either backend,
 ``crf_scores`` adds the resolution cap for huge images and ``refine`` makes one image's label map.
@@ -117,13 +118,9 @@ def background_probs(cams: np.ndarray, power: float = 1.0) -> np.ndarray:
     return np.concatenate([bg.astype(cams.dtype, copy=False), cams], axis=0)
 
 
-def unary_energy(probs: np.ndarray) -> np.ndarray:
-    """P (C, H, W) -> U = -log(clip(P, 1e-5, 1)) as C-contiguous float32 (C, H*W).
-
-    Evaluated in P's dtype (float16 for the reference: both the clip bound and the log are rounded
-    to float16) and only then widened, as pydensecrf's ``setUnaryEnergy`` needs float32.
-    ``ValueError`` for no channels, NaN/Inf or negative probabilities (clipping would hide them).
-    """
+def check_probs(probs: np.ndarray) -> None:
+    """``ValueError`` unless P (C, H, W) is floating point with at least one label, finite and >= 0
+    (clipping would hide NaN, Inf and negative probabilities)."""
     if probs.ndim != 3 or probs.shape[0] < 1:
         raise ValueError(f"probabilities must be (C, H, W) with at least one label, got shape {probs.shape}")
     if not np.issubdtype(probs.dtype, np.floating):
@@ -132,9 +129,29 @@ def unary_energy(probs: np.ndarray) -> np.ndarray:
         raise ValueError("probabilities contain NaN or Inf: the CAMs or model outputs are broken")
     if (probs < 0).any():
         raise ValueError(f"probabilities must be >= 0, got a minimum of {float(probs.min())}")
-    clipped = np.clip(probs, probs.dtype.type(UNARY_CLIP), probs.dtype.type(1))
-    u = -np.log(clipped)
-    return np.ascontiguousarray(u.reshape(probs.shape[0], -1), dtype=np.float32)
+
+
+def neg_log(probs: np.ndarray) -> np.ndarray:
+    """-log(clip(P, 1e-5, 1)) elementwise, evaluated in P's dtype (float16 for the reference: both the clip
+    bound and the log are rounded to float16)."""
+    with np.errstate(invalid="ignore"):  # only half_unary_table meets NaN here
+        return -np.log(np.clip(probs, probs.dtype.type(UNARY_CLIP), probs.dtype.type(1)))
+
+
+def unary_energy(probs: np.ndarray) -> np.ndarray:
+    """P (C, H, W) -> U = -log(clip(P, 1e-5, 1)) as C-contiguous float32 (C, H*W).
+
+    Evaluated in P's dtype (``neg_log``) and only then widened, as pydensecrf's ``setUnaryEnergy`` needs
+    float32. ``ValueError`` for no channels, NaN/Inf or negative probabilities (``check_probs``).
+    """
+    check_probs(probs)
+    return np.ascontiguousarray(neg_log(probs).reshape(probs.shape[0], -1), dtype=np.float32)
+
+
+def half_unary_table() -> np.ndarray:
+    """(65536,) float32: ``unary_energy`` of every float16 value, indexed by its bit pattern, so a device
+    can look the reference's float16 arithmetic up instead of re-doing it with its own rounding."""
+    return neg_log(np.arange(1 << 16, dtype=np.uint16).view(np.float16)).astype(np.float32)
 
 
 def pydensecrf_available() -> bool:
@@ -274,18 +291,23 @@ def raw_low_confidence(cams: np.ndarray, conf: float) -> np.ndarray:
     return np.maximum(1 - m, m) < conf
 
 
-def refine(image_rgb: np.ndarray, keys: np.ndarray, cams: np.ndarray, *, params: CRFParams = CRFParams(),
-           guide: str = "wrapped", conf: float = 0.95, confidence: str = "crf", power: float = 1.0,
-           backend: str = "auto", device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """One image: RGB (H, W, 3) uint8, keys (K,), CAMs (K, H, W) at image resolution -> uint8 (H, W) labels
-    (0 background, c + 1 class c, 255 where the ``confidence`` rule rejects the pixel; 'none' keeps all).
-    ``backend``/``device``: see ``dense_crf``; ``max_pixels``: see ``crf_scores``."""
+def check_refine(image_rgb: np.ndarray, cams: np.ndarray, confidence: str) -> None:
+    """``ValueError`` unless CAMs (K >= 1, H, W) match the RGB image (H, W, 3) and ``confidence`` is a rule."""
     if cams.shape[1:] != image_rgb.shape[:2]:
         raise ValueError(f"CAMs {cams.shape[1:]} and image {image_rgb.shape[:2]} differ in size")
     if confidence not in CONFIDENCE_RULES:
         raise ValueError(f"unknown confidence rule {confidence!r}; choose one of {CONFIDENCE_RULES}")
     if cams.shape[0] < 1:
         raise ValueError("no foreground CAMs: an image needs at least one class label to be labelled")
+
+
+def refine(image_rgb: np.ndarray, keys: np.ndarray, cams: np.ndarray, *, params: CRFParams = CRFParams(),
+           guide: str = "wrapped", conf: float = 0.95, confidence: str = "crf", power: float = 1.0,
+           backend: str = "auto", device=None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image: RGB (H, W, 3) uint8, keys (K,), CAMs (K, H, W) at image resolution -> uint8 (H, W) labels
+    (0 background, c + 1 class c, 255 where the ``confidence`` rule rejects the pixel; 'none' keeps all).
+    ``backend``/``device``: see ``dense_crf``; ``max_pixels``: see ``crf_scores``."""
+    check_refine(image_rgb, cams, confidence)
     q = crf_scores(image_rgb, background_probs(cams, power), params, guide=guide, backend=backend, device=device,
                    max_pixels=max_pixels)
     arg, qmax = scores_argmax(q, image_rgb.shape[:2])

@@ -6,28 +6,45 @@ For each kernel k with features f_k and weight w_k: norm_k = 1 / sqrt(K_k 1 + 1e
     Q <- softmax(-U + sum_k w_k * norm_k * K_k (norm_k * Q))
 with K_k the permutohedral-lattice Gaussian filter (``permutohedral``). The kernel includes each pixel
 itself, as pydensecrf's does. Device- and dtype-agnostic: the lattice is built in float32 (so it is the
-same lattice as pydensecrf's), the iterations run in the unary's dtype on its device; a batch of images
-of one size shares one lattice build, each image in its own group.
+same lattice as pydensecrf's), the iterations run in the unary's dtype on its device (float32 or float64
+on the CPU). A batch of images shares one lattice build per kernel, each image in its own group, so the
+number of operations (kernel launches on a GPU) and of host reads does not grow with the batch; images
+of different sizes batch together (``dense_crf_images``) as long as they have the same number of labels.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from . import permutohedral
 
 
-def pixel_features(batch: int, height: int, width: int, sxy: float, guide: torch.Tensor | None = None,
-                   srgb: float | None = None, device=None) -> torch.Tensor:
-    """(B * H * W, 2 or 5) float32 features, row-major pixels: (x / sxy, y / sxy[, c / srgb for the 3 guide
-    channels]). ``guide`` (B, H, W, 3) uint8. Divisions in float32, as pydensecrf's ``DenseCRF2D`` does."""
-    s = torch.tensor(sxy, dtype=torch.float32, device=device)
-    x = (torch.arange(width, dtype=torch.float32, device=device) / s).view(1, 1, width).expand(batch, height, width)
-    y = (torch.arange(height, dtype=torch.float32, device=device) / s).view(1, height, 1).expand(batch, height, width)
-    cols = [x.reshape(-1), y.reshape(-1)]
-    if guide is not None:
-        c = guide.to(device).reshape(-1, 3).to(torch.float32) / torch.tensor(srgb, dtype=torch.float32, device=device)
-        cols += [c[:, 0], c[:, 1], c[:, 2]]
-    return torch.stack(cols, dim=1)
+def pixel_grid(height: int, width: int, device=None) -> torch.Tensor:
+    """(H * W, 2) float32 pixel coordinates (x, y) of an H x W image, row-major."""
+    x = torch.arange(width, dtype=torch.float32, device=device).expand(height, width)
+    y = torch.arange(height, dtype=torch.float32, device=device)[:, None].expand(height, width)
+    return torch.stack([x, y], -1).reshape(-1, 2)
+
+
+def image_points(sizes: Sequence[tuple[int, int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixels of images of (H_i, W_i) ``sizes``, image after image, row-major: (P, 2) float32 (x, y) and
+    (P,) int64 image index."""
+    xy = torch.cat([pixel_grid(h, w, device) for h, w in sizes])
+    groups = torch.cat([torch.full((h * w,), i, device=device) for i, (h, w) in enumerate(sizes)])
+    return xy, groups
+
+
+def pixel_features(xy: torch.Tensor, sxy: float, colors: torch.Tensor | None = None,
+                   srgb: float | None = None) -> torch.Tensor:
+    """(P, 2) float32 (x, y)[, (P, 3) uint8 guide colours] -> (P, 2 or 5) float32 features
+    (x / sxy, y / sxy[, c / srgb]). Divisions in float32, as pydensecrf's ``DenseCRF2D`` does, by a tensor
+    on the points' device (CUDA would turn a division by a host scalar into a product with its reciprocal)."""
+    dev = xy.device
+    pos = xy / torch.full((), sxy, dtype=torch.float32, device=dev)
+    if colors is None:
+        return pos
+    return torch.cat([pos, colors.to(dev, torch.float32) / torch.full((), srgb, dtype=torch.float32, device=dev)], 1)
 
 
 def symmetric_norm(lattice: permutohedral.Lattice, points: int, dtype: torch.dtype) -> torch.Tensor:
@@ -37,17 +54,40 @@ def symmetric_norm(lattice: permutohedral.Lattice, points: int, dtype: torch.dty
     return (1.0 / torch.sqrt(k1 + 1e-20)).to(torch.float32).to(dtype)
 
 
-def mean_field(unary: torch.Tensor, kernels: list[tuple[permutohedral.Lattice, torch.Tensor, float]],
+def mean_field(unary: torch.Tensor, kernels: list[tuple[permutohedral.Filter, torch.Tensor, float]],
                iters: int) -> torch.Tensor:
-    """U (P, C) -> Q (P, C) marginals after ``iters`` iterations; kernels: (lattice, norm (P, 1), weight)."""
+    """U (P, C) -> Q (P, C) marginals after ``iters`` iterations; kernels: (filter, norm (P, 1), weight)."""
     neg_u = -unary
     q = torch.softmax(neg_u, dim=1)
     for _ in range(iters):
         energy = neg_u
-        for lattice, norm, weight in kernels:
-            energy = energy + weight * (lattice.filter(q * norm) * norm)
+        for filt, norm, weight in kernels:
+            energy = energy + weight * (filt.filter(q * norm) * norm)
         q = torch.softmax(energy, dim=1)
     return q
+
+
+def crf_points(unary: torch.Tensor, xy: torch.Tensor, colors: torch.Tensor, groups: torch.Tensor,
+               num_groups: int, params) -> torch.Tensor:
+    """Mean-field marginals of P pixels of ``num_groups`` images: U (P, C) float, xy (P, 2) float32 pixel
+    coordinates, colors (P, 3) uint8 guide, groups (P,) int64 image index -> Q (P, C) in U's dtype.
+    ``params``: ``CRFParams`` (iters, pos_xy, pos_w, bi_xy, bi_rgb, bi_w)."""
+    P, C = unary.shape
+    kernels = []
+    for weight, sxy, rgb in ((params.pos_w, params.pos_xy, None), (params.bi_w, params.bi_xy, colors)):
+        if weight == 0:
+            continue
+        lattice = permutohedral.build(pixel_features(xy, sxy, rgb, params.bi_rgb), groups, num_groups)
+        kernels.append((lattice.operator(unary.dtype, C), symmetric_norm(lattice, P, unary.dtype), float(weight)))
+    return mean_field(unary, kernels, params.iters)
+
+
+def check_unary(unary: torch.Tensor) -> None:
+    """``ValueError`` for NaN/Inf energies or a dtype the backend cannot filter on the unary's device."""
+    if unary.device.type == "cpu" and unary.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"on the CPU the torch CRF runs in float32 or float64, got {unary.dtype}")
+    if not torch.isfinite(unary).all():
+        raise ValueError("unary energies contain NaN or Inf")
 
 
 @torch.no_grad()
@@ -64,17 +104,30 @@ def dense_crf(unary: torch.Tensor, guide: torch.Tensor, params) -> torch.Tensor:
     B, C, H, W = unary.shape
     if guide.dtype != torch.uint8 or tuple(guide.shape) != (B, H, W, 3):
         raise ValueError(f"guide must be uint8 {(B, H, W, 3)} to match the unary, got {guide.dtype} {tuple(guide.shape)}")
-    if not torch.isfinite(unary).all():
-        raise ValueError("unary energies contain NaN or Inf")
+    check_unary(unary)
     dev = unary.device
-    groups = torch.arange(B, device=dev).repeat_interleave(H * W)
     u = unary.permute(0, 2, 3, 1).reshape(B * H * W, C)
-    kernels = []
-    for feats, weight in ((pixel_features(B, H, W, params.pos_xy, device=dev), params.pos_w),
-                          (pixel_features(B, H, W, params.bi_xy, guide, params.bi_rgb, dev), params.bi_w)):
-        if weight == 0:
-            continue
-        lattice = permutohedral.build(feats, groups if B > 1 else None)
-        kernels.append((lattice, symmetric_norm(lattice, B * H * W, u.dtype), float(weight)))
-    q = mean_field(u, kernels, params.iters)
+    xy = pixel_grid(H, W, dev).expand(B, H * W, 2).reshape(-1, 2)
+    groups = torch.arange(B, device=dev)[:, None].expand(B, H * W).reshape(-1)
+    q = crf_points(u, xy, guide.to(dev).reshape(-1, 3), groups, B, params)
     return q.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def dense_crf_images(unaries: Sequence[torch.Tensor], guides: Sequence[torch.Tensor], params) -> list[torch.Tensor]:
+    """``dense_crf`` for images of any sizes with the same number of labels C, in one batch:
+    unaries (C, H_i, W_i) float on one device, guides (H_i, W_i, 3) uint8 -> Q (C, H_i, W_i) each."""
+    if not unaries or len(unaries) != len(guides):
+        raise ValueError(f"need one guide per unary, got {len(unaries)} unaries and {len(guides)} guides")
+    C, dev = unaries[0].shape[0], unaries[0].device
+    for u, g in zip(unaries, guides):
+        if u.ndim != 3 or u.shape[0] != C or not u.is_floating_point() or C < 1:
+            raise ValueError(f"unaries must be floating point (C, H, W) with one C >= 1, got {u.dtype} {tuple(u.shape)}")
+        if g.dtype != torch.uint8 or tuple(g.shape) != (*u.shape[1:], 3):
+            raise ValueError(f"guide must be uint8 {(*u.shape[1:], 3)} to match its unary, got {g.dtype} {tuple(g.shape)}")
+    u = torch.cat([x.permute(1, 2, 0).reshape(-1, C) for x in unaries])
+    check_unary(u)
+    sizes = [tuple(x.shape[1:]) for x in unaries]
+    xy, groups = image_points(sizes, dev)
+    q = crf_points(u, xy, torch.cat([g.to(dev).reshape(-1, 3) for g in guides]), groups, len(unaries), params)
+    return [p.view(h, w, C).permute(2, 0, 1) for p, (h, w) in zip(q.split([h * w for h, w in sizes]), sizes)]
