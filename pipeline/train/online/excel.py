@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ...cams.excel import ExcelEngine
+from ...cams.excel import ExcelEngine, select_classes
 from ...models.excel import dynamic_relation
-from . import InitialCAMs, OnlineBatch, OnlineLabels, pad_maps
+from . import InitialCAMs, OnlineBatch, OnlineLabels
 from .weclip import WeCLIPConfig, WeCLIPLabels
 
 
@@ -54,10 +54,8 @@ class ExcelCAMSource:
         self.engine = engine
 
     def __call__(self, batch: OnlineBatch, encoded, grid: tuple[int, int]) -> InitialCAMs:
-        cams = self.engine.cams_from(encoded, grid)                                    # (B, C, h, w)
-        out = pad_maps([cams[b, list(lab)] for b, lab in enumerate(batch.labels)], batch.labels)
-        out.attention_last = encoded.attentions[max(encoded.attentions)]
-        return out
+        maps, classes, valid = select_classes(self.engine.cams_from(encoded, grid), batch.labels)
+        return InitialCAMs(maps, valid, classes, encoded.attentions[max(encoded.attentions)])
 
 
 class ExcelLabels(WeCLIPLabels):
