@@ -194,6 +194,12 @@ class ExcelEngine:
                                          features=features, pos_via=cfg.pos_via)
 
     @torch.no_grad()
+    def recalibrate(self, done: Calibrated, relation: torch.Tensor | None) -> Calibrated:
+        """``encode(images, relation)`` from an ``encode`` of the same images run with this method's
+        settings and ``keep_qkv`` (``VisionTransformer.recalibrate``): only the calibrated path is redone."""
+        return self.model.visual.recalibrate(done, relation)
+
+    @torch.no_grad()
     def cams_from(self, out: Calibrated, grid: tuple[int, int]) -> torch.Tensor:
         """Patch-text CAMs of every foreground class (B, C, h, w) float32 from an ``encode`` result."""
         visual = self.model.visual
