@@ -31,17 +31,22 @@ def one_thread():
 
 @pytest.fixture
 def strict_device():
-    """``with strict_device():`` makes every tensor created without ``device=`` land on 'meta', so code that
-    should follow its inputs' device but makes a tensor on the default one fails on CPU inputs (mixing
-    meta and cpu raises), the same way it would fail with CUDA inputs. Build models before entering."""
+    """``with strict_device():`` makes every tensor created without ``device=`` land on 'meta', and makes any
+    operation whose tensor arguments (other than 0-dim scalars and copies) sit on different devices raise, so
+    code that should follow its inputs' device but makes or keeps a tensor elsewhere fails on CPU inputs, the
+    same way it would fail with CUDA inputs (matmul, gather and indexing alone would not raise on meta + cpu).
+    Build models before entering."""
     import torch
+
+    from device_check import one_device
 
     @contextlib.contextmanager
     def ctx():
         before = torch.get_default_device()
         torch.set_default_device("meta")
         try:
-            yield
+            with one_device():
+                yield
         finally:  # None, not 'cpu': setting 'cpu' would leave a device mode active that wraps every later call
             torch.set_default_device(None if before == torch.device("cpu") else before)
 

@@ -221,6 +221,61 @@ def test_batched_box_masks_equal_the_references_opencv_boxes(exact):
                                                                  for m in maps]))
 
 
+def _snake(h, w):
+    """A one-pixel path that runs along every other row, turning at alternate ends."""
+    g = np.zeros((h, w), bool)
+    g[::2] = True
+    for i in range(1, h, 2):
+        g[i, w - 1 if i % 4 == 1 else 0] = True
+    return g
+
+
+def _spiral(n):
+    """A one-pixel square spiral winding inwards (its path is about n²/2 long): walk ahead, turn right
+    when the next cell or the one after it is taken or off the grid, stop when both ways are shut."""
+    def free(y, x, dy, dx):
+        inside = 0 <= y + dy < n and 0 <= x + dx < n
+        beyond = 0 <= y + 2 * dy < n and 0 <= x + 2 * dx < n
+        return inside and not g[y + dy, x + dx] and not (beyond and g[y + 2 * dy, x + 2 * dx])
+
+    g = np.zeros((n, n), bool)
+    y, x, dy, dx = 0, 0, 0, 1
+    while True:
+        g[y, x] = True
+        if not free(y, x, dy, dx):
+            dy, dx = dx, -dy
+            if not free(y, x, dy, dx):
+                return g
+        y, x = y + dy, x + dx
+
+
+def test_components_of_long_paths_rings_and_noise_in_fixed_rounds():
+    """The box masks' connected components run a fixed number of rounds, set by the grid size: enough
+    for the longest paths a grid holds (snakes both ways, spirals), rings around holes, diagonal-only
+    links, combs and noise, against scipy's 8-connected labelling."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    shapes = []
+    for h, w in ((1, 9), (9, 1), (2, 2), (7, 13), (20, 20), (24, 32), (45, 45)):
+        ring = np.zeros((h, w), bool)
+        ring[0], ring[-1], ring[:, 0], ring[:, -1] = True, True, True, True
+        comb = np.zeros((h, w), bool)
+        comb[-1], comb[:, ::2] = True, True
+        diagonal = np.add.outer(np.arange(h), np.arange(w)) % 2 == 0
+        shapes += [_snake(h, w), _snake(h, w)[::-1, ::-1], _snake(w, h).T, ring, comb, comb[::-1], diagonal,
+                   np.ones((h, w), bool), np.zeros((h, w), bool)] + [rng.random((h, w)) < p for p in (0.4, 0.6)]
+    shapes += [_spiral(n)[::s, ::s] for n in (9, 20, 31, 45) for s in (1, -1)]
+    for g in shapes:
+        labels, k = ndimage.label(g, structure=np.ones((3, 3)))
+        ids = np.arange(1, g.size + 1).reshape(g.shape)
+        want = np.zeros(g.shape, np.int64)
+        for c in range(1, k + 1):                            # every component carries its largest 1-based index
+            want[labels == c] = ids[labels == c].max()
+        got = affinity._components(torch.from_numpy(g.copy())[None])[0].numpy()
+        np.testing.assert_array_equal(got, want, err_msg=f"{g.shape}")
+
+
 def test_refine_masks_columns_only():
     trans = torch.rand(4, 4)
     cams = torch.tensor([[[0.2, 1.0], [0.5, 0.0]]])

@@ -112,6 +112,22 @@ def test_calibrated_forward_matches_per_head_restatement():
     torch.testing.assert_close(out.tokens[:, 0], plain[:, 0], rtol=1e-10, atol=1e-10)
 
 
+def test_recalibration_equals_a_second_full_pass_with_the_relation():
+    """The dynamic pass of online labels reuses the static pass's original path (q, k, v of the calibrated
+    blocks): the same operations on the same numbers, so the same tokens as running every block again."""
+    visual = random_clip(TWO_HEADS, seed=4).visual
+    images = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(4))
+    relation = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(5))
+    static = visual.forward_calibrated(images, calibrated=5, attention_blocks=range(2, 8), features=True, keep_qkv=True)
+    full = visual.forward_calibrated(images, calibrated=5, attention_blocks=range(2, 8), relation=relation)
+    again = visual.recalibrate(static, relation)
+    assert torch.equal(again.tokens, full.tokens) and not torch.equal(again.tokens, static.tokens)
+    assert sorted(again.attentions) == sorted(full.attentions) == list(range(2, 8))
+    assert all(torch.equal(again.attentions[i], full.attentions[i]) for i in full.attentions)
+    with pytest.raises(ValueError, match="keep_qkv"):
+        visual.recalibrate(full, relation)
+
+
 def test_positional_table_through_the_reference_grid():
     visual = random_clip(TWO_HEADS, seed=2).visual
     pos = visual.positional_embedding

@@ -103,6 +103,15 @@ def test_online_labels_background_classes_and_unused_slots():
     assert online_labels(img, cams, valid, classes, par_iterations=3).shape == (1, 4, 4)
 
 
+def test_pad_maps_pads_per_crop_maps_in_label_order():
+    maps = [torch.full((2, 3, 4), 0.5), torch.full((1, 3, 4), 0.25)]
+    out = pad_maps(maps, [[7, 2], [11]])
+    assert out.cams.shape == (2, 2, 3, 4) and out.cams.dtype == torch.float32
+    assert (out.cams[0] == 0.5).all() and (out.cams[1, 0] == 0.25).all() and (out.cams[1, 1] == 0).all()
+    assert torch.equal(out.valid, torch.tensor([[True, True], [True, False]]))
+    assert torch.equal(out.classes, torch.tensor([[7, 2], [11, 0]]))
+
+
 def test_affinity_labels_radius_and_ignore():
     lab = torch.zeros(1, 48, 48, dtype=torch.long)                # 3 x 3 patches of 16
     lab[0, 0:16, 32:48] = 2                                        # patch (0, 2)
@@ -163,9 +172,10 @@ def test_gradcam_on_the_models_frozen_pass_equals_the_cam_stage(tiny):
         hook.remove()
     assert len(calls) == 1                       # blocks 1..11 ran once for the decoder and the CAMs
     engine = maker.cams.engine
-    maps, attn_last = engine.initial_cams(engine.encode(x), batch.labels, (3, 4))
-    want = pad_maps(maps, batch.labels)
-    assert torch.allclose(got.initial.cams, want.cams, atol=1e-6)
+    maps, attn_last = engine.initial_maps(engine.encode(x), batch.labels, (3, 4))
+    assert torch.allclose(got.initial.cams, maps, atol=1e-6)
+    assert torch.allclose(got.initial.attention_last, attn_last, atol=1e-6)
+    assert (maps[1, 1] == 0).all()                             # the unused slot of image 1
     assert torch.equal(got.initial.valid, torch.tensor([[True, True], [True, False]]))
     assert torch.equal(got.initial.classes, torch.tensor([[1, 4], [2, 0]]))
     assert got.labels.shape == (2, 48, 64)

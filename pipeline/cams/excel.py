@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..labels.affinity import box_masks, mean_attention, refine, transition_matrix
-from .gradcam import CAMResult
+from .gradcam import CAMResult, batch_results, label_slots
 from ..classes import DATA_DIR, ClassList
 from ..clip.model import CLIP, Calibrated
 from ..data.image import DEFAULT_MAX_PATCHES, load_image, normalize_then_resize, target_size
@@ -202,14 +202,27 @@ class ExcelEngine:
                                          features=features, pos_via=cfg.pos_via)
 
     @torch.no_grad()
+    def recalibrate(self, done: Calibrated, relation: torch.Tensor | None) -> Calibrated:
+        """``encode(images, relation)`` from an ``encode`` of the same images run with this method's
+        settings and ``keep_qkv`` (``VisionTransformer.recalibrate``): only the calibrated path is redone."""
+        return self.model.visual.recalibrate(done, relation)
+
+    @torch.no_grad()
     def cams_from(self, out: Calibrated, grid: tuple[int, int]) -> torch.Tensor:
         """Patch-text CAMs of every foreground class (B, C, h, w) float32 from an ``encode`` result."""
         visual = self.model.visual
         x = visual.ln_post(out.tokens) @ visual.proj.to(out.tokens.dtype)
         x = x.float()
         x = x / x.norm(dim=1 if self.config.exact else -1, keepdim=True)   # the reference normalises over tokens
-        cams = patch_text_cams(x, self.text, self.classes.num_classes, self.config.class_temperature)
+        cams = patch_text_cams(x, self.text_on(x.device), self.classes.num_classes, self.config.class_temperature)
         return cams.transpose(1, 2).unflatten(-1, grid)
+
+    def text_on(self, device: torch.device) -> torch.Tensor:
+        """The class text rows (C + M, E) on ``device``, moved once when the model has moved since it was
+        built (the training benchmark builds the label maker before moving the model)."""
+        if self.text.device != device:
+            self.text = self.text.to(device)
+        return self.text
 
     @torch.no_grad()
     def maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,12 +241,18 @@ class ExcelEngine:
         if any(len(lab) == 0 for lab in labels):
             raise ValueError("every image needs at least one label")
         cams, trans = self.maps(images)
-        results = []
-        for b, lab in enumerate(labels):
-            init = cams[b, list(lab)]
-            masks = box_masks(init, self.config.box_threshold, self.config.exact)
-            results.append(CAMResult(cams=refine(trans[b], init, masks).cpu().numpy(), init=init.cpu().numpy()))
-        return results
+        init, _, _ = select_classes(cams, labels)
+        masks = box_masks(init, self.config.box_threshold, self.config.exact)
+        return batch_results(refine(trans, init, masks), init, labels)
+
+
+def select_classes(cams: torch.Tensor, labels: Sequence[Sequence[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every class's maps (B, C, h, w) -> (each image's labels' maps (B, K, h, w) in label order, zero in
+    unused slots; ``label_slots``' classes and valid (B, K))."""
+    classes, valid = label_slots(labels, cams.device)
+    picked = cams.gather(1, classes[:, :, None, None].expand(-1, -1, *cams.shape[-2:]))
+    return picked.masked_fill(~valid[:, :, None, None], 0), classes, valid
 
 
 def build_engine(model: CLIP, classes: ClassList, config: ExcelConfig) -> ExcelEngine:

@@ -70,25 +70,31 @@ class CAMResult:
 
 def numpy_pairwise_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the first axis of float32 ``x`` (N, ...) in exactly numpy's pairwise order: blocks of
-    at most 128 summed with 8 interleaved accumulators, larger ranges split in halves (multiple of 8)."""
+    at most 128 summed with 8 interleaved accumulators, larger ranges split in halves (multiple of 8).
+    Equal halves are summed side by side (same order, one set of operations for both)."""
     n = x.shape[0]
     if n < 8:
         out = torch.zeros_like(x[0])
-        for i in range(n):
-            out = out + x[i]
+        for row in x.unbind(0):
+            out = out + row
         return out
     if n <= 128:
         full = n - n % 8
-        r = x[:full].reshape(full // 8, 8, *x.shape[1:])
-        acc = r[0]
-        for i in range(1, r.shape[0]):
-            acc = acc + r[i]
-        out = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-        for i in range(full, n):
-            out = out + x[i]
+        blocks = x[:full].unflatten(0, (full // 8, 8)).unbind(0)
+        acc = blocks[0]
+        for block in blocks[1:]:
+            acc = acc + block
+        while acc.shape[0] > 1:                     # ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+            acc = acc[0::2] + acc[1::2]
+        out = acc[0]
+        for row in x[full:].unbind(0):
+            out = out + row
         return out
     half = n // 2
     half -= half % 8
+    if 2 * half == n:
+        both = numpy_pairwise_sum(x.unflatten(0, (2, half)).transpose(0, 1))     # (2, ...)
+        return both[0] + both[1]
     return numpy_pairwise_sum(x[:half]) + numpy_pairwise_sum(x[half:])
 
 
@@ -107,11 +113,11 @@ def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exac
     numpy in the tests; a sequential fp16 channel sum would need a channel-outer layout).
     """
     if exact and acts.dtype == torch.float16:
-        g = grads.float()
-        total = torch.zeros_like(g[..., 0, :])
-        for t in range(g.shape[-2]):
-            total = total + g[..., t, :]
-        alpha = (total / g.shape[-2]).half()                                   # (K, ..., D)
+        tokens = grads.float().unbind(-2)
+        total = torch.zeros_like(tokens[0])
+        for t in tokens:                 # sequential: float32 rounding at every step, as numpy's loop
+            total = total + t
+        alpha = (total / len(tokens)).half()                                   # (K, ..., D)
         prod = (alpha.unsqueeze(-2) * acts[None]).float()                      # fp16 products (K, ..., n, D)
         cam = numpy_pairwise_sum(prod.movedim(-1, 0)).half().float()           # (K, ..., n)
     else:
@@ -120,6 +126,15 @@ def gradcam(acts: torch.Tensor, grads: torch.Tensor, grid: tuple[int, int], exac
         cam = (acts.to(dt)[None] @ alpha.unsqueeze(-1)).squeeze(-1)
     cam = cam.clamp_min(0).unflatten(-1, grid)
     return minmax(minmax(cam))
+
+
+def label_slots(labels: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image label lists -> their padded batch form on ``device`` in one host-to-device copy:
+    classes (B, K) int64 (0 in unused slots) and valid (B, K) bool, K = most labels of an image."""
+    k = max(len(lab) for lab in labels)
+    padded = torch.tensor([list(lab) + [-1] * (k - len(lab)) for lab in labels], dtype=torch.long, device=device)
+    valid = padded >= 0
+    return padded.clamp_min(0), valid
 
 
 def class_scores(logits: torch.Tensor, labels: Sequence[Sequence[int]], num_classes: int, softmax: bool = True,
@@ -132,18 +147,13 @@ def class_scores(logits: torch.Tensor, labels: Sequence[Sequence[int]], num_clas
     has fewer than Kmax labels.
     """
     B, total = logits.shape
-    kmax = max(len(lab) for lab in labels)
-    fg = torch.zeros(B, kmax, dtype=torch.long, device=logits.device)
-    valid = torch.zeros(B, kmax, dtype=torch.bool, device=logits.device)
-    for b, lab in enumerate(labels):
-        fg[b, : len(lab)] = torch.as_tensor(list(lab), device=logits.device)
-        valid[b, : len(lab)] = True
+    fg, valid = label_slots(labels, logits.device)
     if all_classes or not softmax:
         probs = logits.softmax(dim=-1) if softmax else logits
         return probs.gather(1, fg).masked_fill(~valid, 0)
     bg = torch.arange(num_classes, total, device=logits.device).expand(B, -1)
     chosen = torch.cat([logits.gather(1, fg).masked_fill(~valid, float("-inf")), logits.gather(1, bg)], dim=1)
-    return chosen.softmax(dim=-1)[:, :kmax]
+    return chosen.softmax(dim=-1)[:, :fg.shape[1]]
 
 
 class CAMEngine:
@@ -172,14 +182,21 @@ class CAMEngine:
             return visual.forward_intermediates(images, n_blocks=first, attention="mean",
                                                 attention_blocks=range(max(first - keep, 0), first))
 
-    def initial_cams(self, inter: Intermediates, labels: Sequence[Sequence[int]], grid: tuple[int, int]
-                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def text_on(self, device: torch.device) -> torch.Tensor:
+        """The text embeddings (S, C + M, E) on ``device``, moved once when the model has moved since."""
+        if self.text.device != device:
+            self.text = self.text.to(device)
+        return self.text
+
+    def initial_maps(self, inter: Intermediates, labels: Sequence[Sequence[int]], grid: tuple[int, int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax-GradCAM of every label of every image from a finished frozen pass.
 
         inter: ``forward_intermediates`` output whose ``tokens`` enter the last block (from ``encode``,
         or from a model that already ran blocks 1..L-1 for its own use); grid (h, w) patches.
-        Returns (per image (K_b, h, w) float maps in label order, the last block's head-averaged
-        attention (B, 1+n, 1+n) computed without grad). One backward covers all images and classes.
+        Returns (maps (B, K, h, w) float in label order, K = most labels of an image, zero in unused
+        slots (their score is a constant 0); the last block's head-averaged attention (B, 1+n, 1+n)
+        computed without grad). One backward covers all images and classes.
         """
         if any(len(lab) == 0 for lab in labels):
             raise ValueError("every image needs at least one label")
@@ -187,7 +204,7 @@ class CAMEngine:
         cfg = self.config
         last = visual.blocks[-1]
         variants = len(self.text)
-        inits: list[torch.Tensor | None] = [None] * len(labels)
+        maps = None
         with torch.enable_grad():
             h = last.ln_1(inter.tokens).detach().requires_grad_(True)
             # the fused kernel differentiates faster; block 12's map for CAA is recomputed without grad
@@ -195,24 +212,22 @@ class CAMEngine:
             emb = visual.pool(x, "patch_mean")
             emb = emb.to(acc_dtype(emb.dtype))
             emb = emb / emb.norm(dim=-1, keepdim=True)
+            texts = self.text_on(emb.device).to(emb.dtype)
             for v in range(variants):
-                text = self.text[v].to(emb.device, emb.dtype)
-                scores = class_scores(self.logit_scale * emb @ text.t(), labels, self.classes.num_classes,
+                scores = class_scores(self.logit_scale * emb @ texts[v].t(), labels, self.classes.num_classes,
                                       cfg.softmax, cfg.softmax_set == "all")
                 kmax = scores.shape[1]
                 onehot = torch.eye(kmax, dtype=scores.dtype, device=scores.device)[:, None, :].expand(kmax, len(labels), kmax)
                 # every class of every image in one backward: one batched gradient output per class slot
                 (grads,) = torch.autograd.grad(scores, h, grad_outputs=onehot, is_grads_batched=True,
                                                retain_graph=v + 1 < variants)
-                maps = gradcam(h.detach()[:, 1:], grads[:, :, 1:], grid, cfg.exact)    # (Kmax, B, h, w)
-                for b, lab in enumerate(labels):
-                    m = maps[: len(lab), b]
-                    inits[b] = m if inits[b] is None else inits[b] + m
+                m = gradcam(h.detach()[:, 1:], grads[:, :, 1:], grid, cfg.exact)       # (K, B, h, w)
+                maps = m if maps is None else maps + m
         if variants > 1:  # CAM-level synonym fusion: mean of the per-synonym maps
-            inits = [minmax(m / variants) for m in inits]
+            maps = minmax(maps / variants)
         with torch.no_grad():
             attn_last = attention_weights(q.detach(), k.detach()).mean(dim=1)
-        return inits, attn_last
+        return maps.transpose(0, 1), attn_last
 
     def __call__(self, images: torch.Tensor, labels: Sequence[Sequence[int]]) -> list[CAMResult]:
         """images (B, 3, H', W') normalised, H', W' multiples of the patch size; labels[b] the 0-based
@@ -223,18 +238,20 @@ class CAMEngine:
         p = self.model.visual.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         inter = self.encode(images)
-        inits, attn_last = self.initial_cams(inter, labels, grid)
+        init, attn_last = self.initial_maps(inter, labels, grid)                       # (B, K, h, w)
         attns = [inter.attentions[i] for i in sorted(inter.attentions)] + [attn_last]
         attn = mean_attention(attns, cfg.attention_layers)
         trans = transition_matrix(attn, cfg.sinkhorn_rounds, cfg.power) if cfg.affinity == "caa" else attn
-        results = []
-        for b, init in enumerate(inits):
-            if cfg.affinity == "none":
-                cams = init
-            elif cfg.affinity == "mhsa":
-                cams = refine(trans[b], init, torch.ones_like(init))
-            else:
-                masks = box_masks(init, cfg.box_threshold, cfg.exact)
-                cams = refine(trans[b], init, masks)
-            results.append(CAMResult(cams=cams.cpu().numpy(), init=init.cpu().numpy()))
-        return results
+        if cfg.affinity == "none":
+            cams = init
+        else:
+            masks = torch.ones_like(init) if cfg.affinity == "mhsa" else box_masks(init, cfg.box_threshold, cfg.exact)
+            cams = refine(trans, init, masks)
+        return batch_results(cams, init, labels)
+
+
+def batch_results(cams: torch.Tensor, init: torch.Tensor, labels: Sequence[Sequence[int]]) -> list[CAMResult]:
+    """Refined and initial maps (B, K, h, w) -> one ``CAMResult`` per image (its K_b labels), read back
+    to the host in one transfer."""
+    both = torch.stack([cams, init]).cpu().numpy()
+    return [CAMResult(cams=both[0, b, : len(lab)], init=both[1, b, : len(lab)]) for b, lab in enumerate(labels)]

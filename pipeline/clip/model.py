@@ -167,11 +167,15 @@ class Calibrated:
         as the reference's in-place updates leave them: block outputs before the first calibrated
         block; then the final calibrated path; then, for each later calibrated block but the last, its
         output plus the next block's attention residual; then the last block's output.
+    entry, qkv: with ``keep_qkv=True`` the tokens (B, L, D) entering the first calibrated block and each
+        calibrated block's (q, k, v), each (B, H, L, 64): what ``recalibrate`` needs.
     """
 
     tokens: torch.Tensor
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)
     features: list[torch.Tensor] = field(default_factory=list)
+    entry: torch.Tensor | None = None
+    qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -254,7 +258,7 @@ class VisionTransformer(nn.Module):
 
     def forward_calibrated(self, images: torch.Tensor, calibrated: int = 5, attention_blocks: Sequence[int] = (),
                            calibrated_attention: str = "sum", relation: torch.Tensor | None = None,
-                           features: bool = False, pos_via: int | None = None) -> Calibrated:
+                           features: bool = False, pos_via: int | None = None, keep_qkv: bool = False) -> Calibrated:
         """ExCEL's static visual calibration: the last ``calibrated`` blocks run two paths at once.
 
         The original path z runs every block as CLIP does; each calibrated block reads z only
@@ -266,7 +270,8 @@ class VisionTransformer(nn.Module):
             plain blocks and reduced over heads by ``calibrated_attention`` ('sum' as the reference,
             or 'mean') for calibrated ones.
         relation: optional (B, n, n) added to every calibrated head's patch-patch part of S (ExCEL's
-            learnable calibration); features: also return the decoder maps (see ``Calibrated``).
+            learnable calibration); features: also return the decoder maps (see ``Calibrated``);
+            keep_qkv: also return what ``recalibrate`` needs.
         """
         if calibrated_attention not in ("sum", "mean"):
             raise ValueError(f"calibrated_attention must be 'sum' or 'mean', got {calibrated_attention!r}")
@@ -277,7 +282,7 @@ class VisionTransformer(nn.Module):
         inter = self.forward_intermediates(images, n_blocks=first, attention="mean",
                                            attention_blocks=[i for i in attention_blocks if i < first],
                                            block_outputs=range(first - 1) if features else (), pos_via=pos_via)
-        out = Calibrated(tokens=inter.tokens, attentions=inter.attentions)
+        out = Calibrated(tokens=inter.tokens, attentions=inter.attentions, entry=inter.tokens if keep_qkv else None)
         feats = [inter.blocks[i] for i in range(first - 1)] + [None] if features else []
         z = p = inter.tokens
         for i in range(first, n):
@@ -288,8 +293,9 @@ class VisionTransformer(nn.Module):
             residual = attn.merge_heads(a @ v)
             if i in attention_blocks:
                 out.attentions[i] = a.sum(dim=1) if calibrated_attention == "sum" else a.mean(dim=1)
-            # one (L x L) @ (L x H·d) product applies the head-summed map to every head's values at once
-            p = p + attn.out_proj(intra_correlation(q, k, v, relation) @ v.transpose(1, 2).flatten(2))
+            if keep_qkv:
+                out.qkv[i] = (q, k, v)
+            p = p + self.calibration(i, q, k, v, relation)
             z = z + residual
             if features and i > first:  # the reference adds this residual in place to the stored input
                 feats.append(z)
@@ -299,6 +305,23 @@ class VisionTransformer(nn.Module):
             out.features = feats + [z]
         out.tokens = torch.cat([z[:, :1], p[:, 1:]], dim=1)
         return out
+
+    def calibration(self, block: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    relation: torch.Tensor | None) -> torch.Tensor:
+        """What calibrated ``block`` adds to the calibrated path: Proj(S v_h) of every head, (B, L, D)."""
+        # one (L x L) @ (L x H·d) product applies the head-summed map to every head's values at once
+        return self.blocks[block].attn.out_proj(intra_correlation(q, k, v, relation) @ v.transpose(1, 2).flatten(2))
+
+    def recalibrate(self, done: Calibrated, relation: torch.Tensor | None) -> Calibrated:
+        """``forward_calibrated`` of the same images with another ``relation``, from a pass run with
+        ``keep_qkv=True``: the original path never sees the relation, so only the calibrated path is
+        recomputed (the same operations, so the same numbers). Tokens and attentions, no decoder maps."""
+        if done.entry is None:
+            raise ValueError("recalibrate needs a forward_calibrated pass run with keep_qkv=True")
+        p = done.entry
+        for i in sorted(done.qkv):
+            p = p + self.calibration(i, *done.qkv[i], relation)
+        return Calibrated(tokens=torch.cat([done.tokens[:, :1], p[:, 1:]], dim=1), attentions=done.attentions)
 
     def pool(self, tokens: torch.Tensor, mode: str = "cls") -> torch.Tensor:
         """ln_post then projection: of the CLS token ('cls', CLIP) or of the patch-token mean

@@ -3,6 +3,8 @@ Sinkhorn -> symmetric square transition matrix; box masks from CAMs; column-mask
 Everything works on batched tensors on their own device."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,19 +34,40 @@ def transition_matrix(w: torch.Tensor, rounds: int = 3, power: int = 2) -> torch
     return out
 
 
+def _jumps_per_round(n: int) -> list[int]:
+    """Pointer jumps of each hooking round of ``_components`` on n pixels: round r starts with at most
+    n / 2^(r // 2) trees per component, so ⌈log2⌉ of that many jumps flatten its longest chain, and after
+    2·⌈log2 n⌉ rounds one tree is left."""
+    depth = max(math.ceil(math.log2(n)), 0)
+    return [max(math.ceil(math.log2(max(n >> (r // 2), 1))), 0) for r in range(2 * depth)]
+
+
 def _components(binary: torch.Tensor) -> torch.Tensor:
     """binary (M, h, w) bool -> int64 (M, h, w): each 8-connected component of True pixels labelled with
-    the largest of its 1-based flat indices, 0 elsewhere (max-propagation over 3 x 3 neighbourhoods)."""
+    the largest of its 1-based flat indices, 0 elsewhere, in a number of steps fixed by the grid size, so
+    the device never waits for a convergence check on the host.
+
+    Trees of parent pointers inside the components, each labelled by its root (initially every pixel
+    its own). A round hooks every tree's root onto the largest root 8-adjacent to the tree when larger
+    (roots only grow, so a component's largest index ends up its label), then pointer jumping makes
+    every tree a star again. A tree that neither hooks nor is hooked onto in a round hooks in the next
+    (its neighbours then all have larger roots), so two rounds at least halve a component's trees
+    (Shiloach and Vishkin's argument for conditional hooking); ``_jumps_per_round`` has the counts.
+    """
     M, h, w = binary.shape
-    ids = torch.arange(1, h * w + 1, device=binary.device, dtype=torch.float32).view(1, h, w)
-    lab = torch.where(binary, ids, torch.zeros((), device=binary.device))
-    keep = binary.float()
-    while True:
-        for _ in range(4):                       # a few steps per convergence check: each check syncs
-            nxt = F.max_pool2d(lab[:, None], 3, 1, 1)[:, 0] * keep
-            lab, prev = nxt, lab
-        if torch.equal(lab, prev):
-            return lab.long()
+    n = h * w
+    fg = binary.reshape(M, n)
+    slots = torch.arange(n + 1, device=binary.device)                                 # 0: background
+    root = torch.where(fg, slots[1:], 0)                                              # (M, n)
+    identity = slots.expand(M, n + 1).contiguous()
+    for jumps in _jumps_per_round(n):
+        # labels <= h·w are exact in float32, which max pooling needs
+        adjacent = F.max_pool2d(root.view(M, 1, h, w).float(), 3, 1, 1).view(M, n).long() * fg
+        parent = identity.scatter_reduce(1, root, adjacent, "amax")                   # root -> largest neighbour
+        for _ in range(jumps):
+            parent = parent.gather(1, parent)
+        root = parent.gather(1, root)
+    return root.view(M, h, w)
 
 
 def box_masks(cams: torch.Tensor, threshold: float, exact: bool = True) -> torch.Tensor:
@@ -64,8 +87,8 @@ def box_masks(cams: torch.Tensor, threshold: float, exact: bool = True) -> torch
     limit = (u.flatten(1).amax(dim=1).double() * threshold).floor().long()          # int(threshold * max u)
     lab = _components(u > limit[:, None, None]).flatten(1)                           # (M, n)
     M, n = lab.shape
-    rows = torch.arange(h, device=dev).repeat_interleave(w).expand(M, n)
-    cols = torch.arange(w, device=dev).repeat(h).expand(M, n)
+    flat = torch.arange(n, device=dev)
+    rows, cols = (flat // w).expand(M, n), (flat % w).expand(M, n)
     y0 = torch.full((M, n + 1), h, device=dev).scatter_reduce(1, lab, rows, "amin")
     x0 = torch.full((M, n + 1), w, device=dev).scatter_reduce(1, lab, cols, "amin")
     y1 = torch.zeros((M, n + 1), dtype=torch.long, device=dev).scatter_reduce(1, lab, rows + 1, "amax")
@@ -92,11 +115,12 @@ def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
 def refine(trans: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Column-masked propagation R_i = Σ_k A_ik B_k M_k per class, then min-max (the CLIP-ES paper, Eq. 7).
 
-    trans (n, n), cams (K, h, w), masks (K, h, w) -> (K, h, w) float32 in [0, 1].
+    trans (..., n, n), cams (..., K, h, w), masks (..., K, h, w) -> (..., K, h, w) float32 in [0, 1]; leading
+    dims (a batch) broadcast.
     """
-    K, h, w = cams.shape
-    r = (trans @ (masks * cams).reshape(K, h * w).t()).t().reshape(K, h, w)
-    return minmax(r)
+    x = (masks * cams).flatten(-2)                                   # (..., K, n)
+    r = (trans @ x.transpose(-2, -1)).transpose(-2, -1)
+    return minmax(r.reshape(r.shape[:-1] + cams.shape[-2:]))
 
 
 # ------------------------------------------------------------- WeCLIP's refinement module (RFM)
@@ -121,8 +145,8 @@ def layer_filter(attentions: torch.Tensor, affinity: torch.Tensor, eps: float = 
 
 
 def refine_batch(trans: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Batched ``refine``: trans (B, n, n), cams and masks (B, K, h, w) -> (B, K, h, w), each map
-    R_i = Σ_k A_ik B_k M_k then min-max."""
+    """``refine`` with WeCLIP's operand order (x Aᵀ, the float32 rounding its online labels are made with):
+    trans (B, n, n), cams and masks (B, K, h, w) -> (B, K, h, w), each map R_i = Σ_k A_ik B_k M_k then min-max."""
     x = (masks * cams).flatten(-2)                                   # (B, K, n)
     r = (x @ trans.transpose(-2, -1)).reshape(cams.shape)
     return minmax(r)

@@ -68,7 +68,8 @@ class ExcelSeg(WeCLIPSeg):
     eval_pos_via: the same in eval mode (the reference's inference script builds its encoder without
     the resize: None); exact: calibrated blocks report the head sum of attention (reference) instead
     of the mean; statistics, relation_scale: see ``centred_similarity``. The dynamic pass is the
-    online label maker's (``online.excel``): ``encode_calibrated`` with ``dynamic_relation(F_d)``.
+    online label maker's (``online.excel``): ``encode_calibrated`` with ``dynamic_relation(F_d)``, which it
+    computes as ``recalibrate`` of the training pass.
     """
 
     def __init__(self, clip: CLIP, num_classes: int, width: int = 256, heads: int = 8, depth: int = 3,
@@ -87,14 +88,16 @@ class ExcelSeg(WeCLIPSeg):
         self.statistics, self.relation_scale = statistics, float(relation_scale)
 
     @torch.no_grad()
-    def encode_calibrated(self, images: torch.Tensor, relation: torch.Tensor | None = None) -> Calibrated:
+    def encode_calibrated(self, images: torch.Tensor, relation: torch.Tensor | None = None,
+                          keep_qkv: bool = False) -> Calibrated:
         """images (B, 3, H, W), multiples of the patch size -> the calibrated pass with decoder maps and
-        the attention of the last ``attention_layers`` blocks; ``relation`` (B, n, n) or None."""
+        the attention of the last ``attention_layers`` blocks; ``relation`` (B, n, n) or None; ``keep_qkv``:
+        also what ``VisionTransformer.recalibrate`` needs for the dynamic pass."""
         n = len(self.encoder.blocks)
         return self.encoder.forward_calibrated(
             images, self.calibrated_blocks, attention_blocks=range(n - self.attention_layers, n),
             calibrated_attention="sum" if self.exact else "mean", relation=relation, features=True,
-            pos_via=self.pos_via if self.training else self.eval_pos_via)
+            pos_via=self.pos_via if self.training else self.eval_pos_via, keep_qkv=keep_qkv)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -109,12 +112,13 @@ class ExcelSeg(WeCLIPSeg):
         logits (B, C, H, W), affinity A_f (B, n, n), fused F_d (B, width, h, w), grid (h, w) and
         intermediates, the calibrated pass (``clip.Calibrated``: tokens, decoder maps, attention of
         the last ``attention_layers`` blocks, which is all online labels use: ``attention_blocks``
-        is accepted for the shared interface only)."""
+        is accepted for the shared interface only; and the calibrated blocks' q, k, v, from which the
+        label maker's dynamic pass recomputes the calibrated path alone)."""
         H, W = images.shape[-2:]
         if H % self.patch or W % self.patch:
             raise ValueError(f"training crops must be multiples of the patch size {self.patch}, got {H}x{W}")
         grid = self.grid(images)
-        enc = self.encode_calibrated(images)
+        enc = self.encode_calibrated(images, keep_qkv=True)
         fused = self.decoder.fused([f[:, 1:] for f in enc.features], grid)
         logits = F.interpolate(self.decoder.head(fused).float(), size=(H, W), mode="bilinear", align_corners=False)
         return {"logits": logits, "affinity": feature_affinity(fused, self.statistics, self.relation_scale),

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
+from ...cams.gradcam import label_slots
 from ...clip.model import Intermediates
 
 METHODS = ("weclip", "excel")
@@ -75,16 +76,9 @@ class CAMSource(Protocol):
 
 
 def pad_maps(maps: Sequence[torch.Tensor], labels: Sequence[Sequence[int]]) -> InitialCAMs:
-    """Per-image (K_b, h, w) maps -> the padded batch form of ``InitialCAMs``."""
-    B, K = len(maps), max(len(lab) for lab in labels)
-    h, w = maps[0].shape[-2:]
-    cams = maps[0].new_zeros(B, K, h, w, dtype=torch.float32)
-    valid = torch.zeros(B, K, dtype=torch.bool, device=cams.device)
-    classes = torch.zeros(B, K, dtype=torch.long, device=cams.device)
-    for b, (m, lab) in enumerate(zip(maps, labels)):
-        cams[b, : len(lab)] = m.float()
-        valid[b, : len(lab)] = True
-        classes[b, : len(lab)] = torch.as_tensor(list(lab), device=cams.device)
+    """Per-image (K_b, h, w) maps -> the padded batch form of ``InitialCAMs`` (for CAMs injected per crop)."""
+    cams = torch.nn.utils.rnn.pad_sequence(list(maps), batch_first=True).float()
+    classes, valid = label_slots(labels, cams.device)
     return InitialCAMs(cams, valid, classes)
 
 
@@ -96,10 +90,9 @@ class GradCAMSource:
         self.engine = engine
 
     def __call__(self, batch: OnlineBatch, intermediates: Intermediates, grid: tuple[int, int]) -> InitialCAMs:
-        maps, attn_last = self.engine.initial_cams(intermediates, batch.labels, grid)
-        out = pad_maps(maps, batch.labels)
-        out.attention_last = attn_last
-        return out
+        maps, attn_last = self.engine.initial_maps(intermediates, batch.labels, grid)
+        classes, valid = label_slots(batch.labels, maps.device)
+        return InitialCAMs(maps.float(), valid, classes, attn_last)
 
 
 class LabelMaker(ABC):
@@ -147,7 +140,6 @@ def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | N
         ecfg = ExcelLabelConfig.from_dict(cfg, ExcelLabelConfig.box_threshold)
         mcfg = dict(model_cfg or {})
         engine = ExcelEngine(clip, classes, engine_config(mcfg, classes, ecfg.box_threshold, dataset, cfg))
-        engine.text = engine.text.to(clip.visual.proj.device)   # the image tower may sit on the GPU already
         return ExcelLabels(ecfg, cams or ExcelCAMSource(engine), engine, clip.arch.vision_layers,
                            mcfg.get("statistics", "batch"), float(mcfg.get("relation_scale", 3.0)))
     if method == "weclip":

@@ -11,7 +11,8 @@ Two phases, switched at ``switch_iter`` (reference: 14,000 VOC, 30,000 COCO):
 From ``segmentation_targets_from`` (reference: 24,000 on VOC, never on COCO) the diversity loss
 compares A_f with the current segmentation's argmax instead of the labels (``affinity_targets``).
 The original path of the calibrated blocks never sees the relations, so the attention is the
-same in both passes and the static one is reused.
+same in both passes and the static one is reused, and so are the calibrated blocks' q, k, v: the
+second pass recomputes the calibrated path alone (``recalibrate``), the same numbers as a full pass.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ...cams.excel import ExcelEngine
+from ...cams.excel import ExcelEngine, select_classes
 from ...models.excel import dynamic_relation
-from . import InitialCAMs, OnlineBatch, OnlineLabels, pad_maps
+from . import InitialCAMs, OnlineBatch, OnlineLabels
 from .weclip import WeCLIPConfig, WeCLIPLabels
 
 
@@ -54,10 +55,8 @@ class ExcelCAMSource:
         self.engine = engine
 
     def __call__(self, batch: OnlineBatch, encoded, grid: tuple[int, int]) -> InitialCAMs:
-        cams = self.engine.cams_from(encoded, grid)                                    # (B, C, h, w)
-        out = pad_maps([cams[b, list(lab)] for b, lab in enumerate(batch.labels)], batch.labels)
-        out.attention_last = encoded.attentions[max(encoded.attentions)]
-        return out
+        maps, classes, valid = select_classes(self.engine.cams_from(encoded, grid), batch.labels)
+        return InitialCAMs(maps, valid, classes, encoded.attentions[max(encoded.attentions)])
 
 
 class ExcelLabels(WeCLIPLabels):
@@ -73,7 +72,8 @@ class ExcelLabels(WeCLIPLabels):
     def __call__(self, batch: OnlineBatch, outputs: Mapping[str, Any], iteration: int) -> OnlineLabels:
         if self.cfg.dynamic(iteration):
             relation = dynamic_relation(outputs["fused"].detach(), self.statistics, self.relation_scale)
-            outputs = {**outputs, "intermediates": self.engine.encode(batch.images, relation)}
+            # the model's pass kept its calibrated blocks' q, k, v: only the calibrated path is redone
+            outputs = {**outputs, "intermediates": self.engine.recalibrate(outputs["intermediates"], relation)}
         made = super().__call__(batch, outputs, iteration)
         if self.cfg.segmentation_targets(iteration):
             made.affinity_targets = outputs["logits"].detach().argmax(dim=1)

@@ -15,6 +15,7 @@ False averages the last maps without G_e.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -120,7 +121,9 @@ class WeCLIPLabels(LabelMaker):
     @torch.no_grad()
     def __call__(self, batch: OnlineBatch, outputs: Mapping[str, Any], iteration: int) -> OnlineLabels:
         initial = self.cams(batch, outputs["intermediates"], outputs["grid"])
-        with torch.autocast(batch.images.device.type, enabled=False):   # RFM and PAR in float32
+        device = batch.images.device.type
+        # RFM and PAR in float32 (devices without autocast, such as 'meta' in tests, have nothing to turn off)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             cams = initial.cams.float() if self.cfg.refine == "none" else self.refine(initial, outputs, iteration)
             cams = F.interpolate(cams, size=batch.images.shape[-2:], mode="bilinear", align_corners=False)
             labels = online_labels(batch.images, cams, initial.valid, initial.classes, self.cfg.par_iterations)
