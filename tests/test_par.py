@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.labels.par import affinity, par
+from pipeline.labels.par import DILATIONS, RING, affinity, par, ring_offsets
 
 
 def reference_par(imgs, masks, dilations=(1, 2, 4, 8, 12, 24), num_iter=20):
@@ -85,3 +85,10 @@ def test_colour_edge_stops_propagation():
     flat = par(torch.zeros(1, 3, 32, 32), mask)[0, 0].numpy()
     assert flat[:, 16:].mean() > 2 * right
     assert np.isfinite(out).all()
+
+
+def test_neighbours_in_the_references_order():
+    """The 48 offsets, made on the device, follow AFA's kernel order (3 x 3 ring row by row, per dilation),
+    so the weighted sum adds them in the reference's order."""
+    dy, dx = ring_offsets(DILATIONS, torch.device("cpu"))
+    assert list(zip(dy.tolist(), dx.tolist())) == [(d * (r - 1), d * (c - 1)) for d in DILATIONS for r, c in RING]

@@ -132,7 +132,9 @@ def label_slots(labels: Sequence[Sequence[int]], device: torch.device) -> tuple[
     """Per-image label lists -> their padded batch form on ``device`` in one host-to-device copy:
     classes (B, K) int64 (0 in unused slots) and valid (B, K) bool, K = most labels of an image."""
     k = max(len(lab) for lab in labels)
-    padded = torch.tensor([list(lab) + [-1] * (k - len(lab)) for lab in labels], dtype=torch.long, device=device)
+    host = torch.tensor([list(lab) + [-1] * (k - len(lab)) for lab in labels], dtype=torch.long, device="cpu")
+    # from pinned memory the copy is queued like a kernel; a pageable one makes the host wait for the GPU
+    padded = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
     valid = padded >= 0
     return padded.clamp_min(0), valid
 
