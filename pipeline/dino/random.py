@@ -22,14 +22,18 @@ TINY_REG = DinoArch(embed_dim=128, depth=2, patch_size=14, grid=37, registers=4)
 
 
 def random_dino(arch: DinoArch = TINY, seed: int = 0) -> DinoVisionTransformer:
-    """A frozen DINOv2 with random weights: matrices normal with std fan_in^-0.5, biases 0.02, LayerNorm
-    gains near 1, LayerScale near 0.1 (the trained models' order), and the token and positional tables at
-    unit scale so that every interpolation detail shows in the outputs."""
+    """A frozen DINOv2 with random weights: matrices normal with std fan_in^-0.5 (patch embeddings of
+    unit scale), biases 0.02, LayerNorm gains near 1, LayerScale near 0.1 (the trained models' order),
+    CLS and register tokens at unit scale, and the positional table at 0.1: large enough for every
+    detail of its resizing to show in the outputs, small enough that the features do not depend mostly
+    on where a patch sits (a model trained on one grid would not carry over to another)."""
     g = torch.Generator().manual_seed(seed)
     model = DinoVisionTransformer(arch)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name in ("cls_token", "pos_embed", "register_tokens", "mask_token"):
+            if name == "pos_embed":
+                p.normal_(0.0, 0.1, generator=g)
+            elif name in ("cls_token", "register_tokens", "mask_token"):
                 p.normal_(0.0, 1.0, generator=g)
             elif name.endswith("gamma"):
                 p.copy_(0.1 + 0.02 * torch.randn(p.shape, generator=g))
