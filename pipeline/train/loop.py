@@ -38,7 +38,9 @@ DEFAULTS: dict[str, Any] = {
               "dropout": 0.1, "layers": [3, 4, 23, 3], "base_width": 64, "layout": "torchvision", "msc_scales": [],
               "freeze_bn": "auto", "pretrained": None,
               "calibrated_blocks": 5, "attention_layers": 6, "pos_via": 20, "eval_pos_via": None, "exact": True,
-              "statistics": "batch", "relation_scale": 3.0},
+              "statistics": "batch", "relation_scale": 3.0,
+              # WeCLIP+ only (weclip-plus): DINOv2 backbone file; which branches predict (both | clip | dino)
+              "dino": None, "branches": "both"},
     "data": {"dataset": "voc", "root": None, "classes": None, "labels": None, "masks": None,
              "split": "train_aug", "supervision": "pseudo", "pseudo": None, "val_split": "val",
              "crop": 320, "scale_range": [0.5, 2.0], "scales": None, "flip": True, "normalize": "imagenet",
@@ -54,7 +56,11 @@ DEFAULTS: dict[str, Any] = {
     "online": {"method": None, "refine": None, "layer_filter": None, "static_layers": None, "filter_layers": None,
                "switch_iter": None, "box_threshold": None, "exact_boxes": None, "par_iterations": None,
                # ExCEL only: diversity-loss targets from the segmentation, text enrichment
-               "segmentation_targets_from": None, "tse": True, "descriptions": None, "attribute_bank": None},
+               "segmentation_targets_from": None, "tse": True, "descriptions": None, "attribute_bank": None,
+               # WeCLIP+ only (pipeline/train/online/weclip_plus.py): GradCAM's input block, CAMs x segmentation
+               # softmax, box masks, confident-pixel replacement, weights of the Dice and cross-branch losses
+               "cam_input_block": None, "seg_weighting": None, "box_masks": None, "replace_from": None,
+               "replace_threshold": None, "dice_weight": None, "cross_weight": None},
     "infer": {"scales": [1.0, 0.75], "flip": True, "long_side": None, "square": None, "unflipped_scales": [],
               "window": None, "stride": None, "crf": False, "crf_preset": None, "crf_params": None,
               "crf_backend": "auto", "crf_max_pixels": 1_000_000, "average_at": "image"},
@@ -63,7 +69,8 @@ DEFAULTS: dict[str, Any] = {
 }
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE = {"data.workers", "train.ckpt_every", "train.keep_checkpoints", "train.log_every", "train.device",
-               "train.val_every", "train.val_max_images", "data.root", "data.pseudo", "model.clip", "infer", "val"}
+               "train.val_every", "train.val_max_images", "data.root", "data.pseudo", "model.clip", "model.dino", "infer",
+               "val"}
 
 
 class ConfigError(ValueError):
@@ -136,8 +143,8 @@ def check_config(cfg: Mapping) -> None:
     model = cfg["model"]["name"]
     if online is not None and model != online:
         raise ConfigError(f"online.method={online} makes labels for model.name={online}, not {model}")
-    if float(t["aff_weight"]) and model not in ("weclip", "excel"):
-        raise ConfigError(f"the affinity loss (train.aff_weight) needs model.name weclip or excel, not {model}")
+    if float(t["aff_weight"]) and model not in ("weclip", "excel", "weclip-plus"):
+        raise ConfigError(f"the affinity loss (train.aff_weight) needs model.name weclip, excel or weclip-plus, not {model}")
     for key, v in (("schedule.iters", s["iters"]), ("schedule.lr_step", s["lr_step"]),
                    ("train.batch_size", t["batch_size"]), ("train.accum", t["accum"])):
         if not isinstance(v, int) or v < 1:
@@ -479,6 +486,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     else:
         train_set = SegTrainSet(train_samples, aug_config(cfg["data"]), seed)
     aff_w, aff_radius = float(t_cfg["aff_weight"]), int(t_cfg["aff_radius"])
+    extra_loss = getattr(label_maker, "extra_loss", None) if online else None   # a method's own loss terms
     pool = Pool(world, all_sum) if world > 1 else ONE   # losses pooled over all processes' batches
     loader = torch.utils.data.DataLoader(
         train_set, batch_sampler=sampler, num_workers=workers,
@@ -520,7 +528,7 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
                     loss_seg = model_loss(model, out["logits"], labels, t_cfg["loss"], pool)
                     loss_aff = affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], aff_radius), pool) \
                         if aff_w else torch.zeros((), device=device)
-                    loss = (loss_seg + aff_w * loss_aff) / accum
+                    loss = (loss_seg + aff_w * loss_aff + (extra_loss(out, made, pool) if extra_loss else 0)) / accum
                     scaler.scale(loss).backward()
                 loss_sum += float(loss.detach())
                 seg_sum += float(loss_seg.detach()) / accum

@@ -8,9 +8,11 @@ frozen encoder pass and the decoder's patch affinity, then asks the label maker 
     out = model(batch.images, outputs="train", attention_blocks=maker.attention_blocks)
     labels = maker(batch, out, iteration).labels       # (B, H, W) int64, 0 background, c + 1 class c
 
-Each method is one module (``weclip``, ``excel``); its initial CAMs come from a ``CAMSource`` (the CAM stage's
+Each method is one module (``weclip``, ``excel``, ``weclip_plus``); its initial CAMs come from a ``CAMSource`` (the CAM stage's
 batched Softmax-GradCAM by default, ``GradCAMSource``), so a method can swap in its own CAMs (ExCEL's
-calibrated CLIP pass) or a test can inject CAMs with known errors through the same call.
+calibrated CLIP pass) or a test can inject CAMs with known errors through the same call. A method with
+losses of its own besides the loop's (WeCLIP+'s Dice and cross-branch terms) adds them through
+``extra_loss(outputs, made, pool)``, which the loop adds to the step's loss.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 from ...clip.model import Intermediates
 
-METHODS = ("weclip", "excel")
+METHODS = ("weclip", "excel", "weclip-plus")
 
 
 @dataclass
@@ -122,14 +124,16 @@ def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | N
         engine.text = engine.text.to(clip.visual.proj.device)   # the image tower may sit on the GPU already
         return ExcelLabels(ecfg, cams or ExcelCAMSource(engine), engine, clip.arch.vision_layers,
                            mcfg.get("statistics", "batch"), float(mcfg.get("relation_scale", 3.0)))
-    if method == "weclip":
-        from .weclip import WeCLIPConfig, WeCLIPLabels
-
-        wcfg = WeCLIPConfig.from_dict(cfg, classes.box_threshold)
+    if method in ("weclip", "weclip-plus"):
+        if method == "weclip":
+            from .weclip import WeCLIPConfig as Config, WeCLIPLabels as Labels
+        else:
+            from .weclip_plus import PlusConfig as Config, WeCLIPPlusLabels as Labels
+        wcfg = Config.from_dict(cfg, classes.box_threshold)
         if cams is None:
             from ...cams.gradcam import CAMConfig, CAMEngine
 
             # no CAA inside the engine: RFM refines the GradCAM maps; fp32/bf16 arithmetic, no fp16 emulation
             cams = GradCAMSource(CAMEngine(clip, classes, CAMConfig(box_threshold=wcfg.box_threshold, exact=False)))
-        return WeCLIPLabels(wcfg, cams, clip.arch.vision_layers)
+        return Labels(wcfg, cams, clip.arch.vision_layers)
     raise ValueError(f"online.method must be one of {', '.join(METHODS)} (or null for offline labels), got {method!r}")
