@@ -305,3 +305,18 @@ def test_extra_loss_is_dice_plus_the_weighted_cross_branch_terms():
     one = {"logits": a, "branch_logits": [a]}                 # one branch: no cross-branch term
     cfg = WeCLIPPlusLabels(PlusConfig(), None, 12)
     torch.testing.assert_close(cfg.extra_loss(one, made), dice_loss(a, labels))
+
+
+def test_training_step_follows_its_inputs_device(tiny, strict_device):
+    """Model outputs, labels (real GradCAM on the model's pass, RFM+, PAR, the replacement) and the extra
+    losses make every tensor on their inputs' device."""
+    clip, dino = tiny
+    model = build_model({"name": "weclip-plus", "width": 64, "heads": 2}, 21, clip=clip, dino=dino)
+    maker = build_label_maker({"method": "weclip-plus", "cam_input_block": 10, "replace_from": 0,
+                               "box_masks": True}, clip, builtin("voc"))
+    x = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(10))
+    with strict_device():
+        out = model(x, outputs="train", attention_blocks=maker.attention_blocks)
+        made = maker(OnlineBatch(x, [[1, 4], [2]], [(0, 0), (1, 1)]), out, 0)
+        loss = maker.extra_loss(out, made)
+    assert made.labels.device.type == "cpu" and made.affinity_targets is not None and torch.isfinite(loss)
