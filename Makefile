@@ -1,7 +1,8 @@
 # WSSS with a frozen CLIP: CAMs -> pseudo labels -> segmentation models. `make` alone lists the targets.
 # Variables: DATASET (voc|coco|folder), ROOT (dataset folder), SPLIT, VAL_SPLIT, CLIP (ViT-B-16.pt), PROMPT,
 # WHAT, JOBS (CRF processes), OUT, CAMS (CAM folder), ARGS (extra flags passed through); training: MODEL
-# (weclip|weclip-online|excel|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint), CKPT, IMAGES, NPROC.
+# (weclip|weclip-online|excel|weclip-plus|deeplab), CONFIG, LABELS (pseudo-label folder), INIT (ResNet-101 checkpoint),
+# DINO (DINOv2 backbone file, weclip-plus), CKPT, IMAGES, NPROC.
 # Paths may contain spaces; ARGS is passed to the shell as written.
 # METHOD (clipes|excel): CAM method of cams/cams-pseudo; with excel, cams/pseudo/eval/viz use the
 # outputs/<dataset>/{cams,pseudo}_excel folders and pseudo refines with PAR (ARGS="--refine crf" for the CRF).
@@ -60,6 +61,7 @@ help:
 	@echo "  make viz           panels + index.html, worst first   DATASET ROOT SPLIT [CAMS LABELS OUT JOBS]"
 	@echo "  make train         train MODEL=weclip|deeplab         DATASET ROOT LABELS [SPLIT VAL_SPLIT CLIP INIT CONFIG OUT NPROC]"
 	@echo "                    or MODEL=weclip-online|excel       DATASET ROOT CLIP (labels made online) [SPLIT VAL_SPLIT CONFIG OUT NPROC]"
+	@echo "                    or MODEL=weclip-plus               DATASET ROOT CLIP DINO (labels made online) [SPLIT VAL_SPLIT CONFIG OUT NPROC]"
 	@echo "  make predict       label PNGs + overlays              CKPT and IMAGES, or DATASET ROOT SPLIT [OUT CLIP]"
 	@echo "  make export-mmseg  mmsegmentation dataset + config    DATASET ROOT [SPLIT VAL_SPLIT LABELS OUT]"
 	@echo "  make bench         speed figures"
@@ -132,7 +134,7 @@ train:
 	$(LAUNCH) -m stages.train \
 		--config $(call q,$(CONFIG)) $(DATA_FLAGS) $(call opt,--val-split,$(VAL_SPLIT)) \
 		$(call opt,--pseudo,$(LABELS)) $(call opt,--clip,$(CLIP)) $(call opt,--set,$(if $(INIT),model.pretrained=$(INIT))) \
-		$(call opt,--out,$(OUT)) $(ARGS)
+		$(call opt,--set,$(if $(DINO),model.dino=$(DINO))) $(call opt,--out,$(OUT)) $(ARGS)
 
 predict:
 	$(if $(IMAGES),,$(NEED_ROOT))

@@ -4,13 +4,17 @@
     python -m benchmarks.train --iters 20 --device cuda --amp bf16
     python -m benchmarks.train --models weclip,weclip-online    # offline vs online labels, same model
     python -m benchmarks.train --models weclip-online,excel      # WeCLIP's and ExCEL's online training
+    python -m benchmarks.train --models weclip-online,weclip-plus  # WeCLIP and WeCLIP+ (frozen DINOv2 added)
 
 weclip-online: the same WeCLIP model and optimiser, but each step also makes its labels (GradCAM of
 the crops' classes on the model's frozen pass, RFM in its second phase, PAR) and adds the affinity
 loss; each image gets 2 random classes. excel: ExCEL's model (calibrated encoder over 12 blocks, 6.3M
 trainable parameters) with its online labels in the costlier second phase (a second, dynamic encoder
 pass for the CAMs, A_f-filtered RFM, PAR) and the diversity loss from the segmentation; lr 1e-4 x 10;
-no text enrichment (it is set up once, outside the timed steps).
+no text enrichment (it is set up once, outside the timed steps). weclip-plus: WeCLIP+'s model (random
+ViT-B/16 CLIP and ViT-S/14 DINOv2, two fusion heads, shared decoder; 2.9M trainable parameters) with its
+online labels (GradCAM, RFM+ with the segmentation weighting, PAR, the confident-pixel replacement on)
+and its losses (balanced CE, Dice, affinity, cross-branch); lr 2e-5 x 10.
 
 WeCLIP: random ViT-B/16 CLIP, batch 4, crop 320, AdamW (WeCLIP's settings). DeepLabV2: the model of
 configs/deeplab_voc.yaml (deeplab-pytorch's MSC ResNet-101: forward and loss at scales 1, 0.5, 0.75 and
@@ -32,6 +36,8 @@ SETTINGS = {"weclip": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr":
                                                           "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
             "weclip-online": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
                                                                  "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
+            "weclip-plus": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-5, "head_lr_mult": 10,
+                                                               "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
             "excel": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 1e-4, "head_lr_mult": 10,
                                                          "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
             "deeplabv2": {"batch": 5, "crop": 321, "optim": {"name": "sgd", "lr": 2.5e-4, "head_lr_mult": 10,
@@ -51,7 +57,17 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     dev = torch.device(device)
     torch.manual_seed(0)
     maker = None
-    if name.startswith("weclip"):
+    if name == "weclip-plus":
+        from pipeline.classes import builtin
+        from pipeline.clip.random import VIT_B_16, random_clip
+        from pipeline.dino.random import VIT_S_14, random_dino
+        from pipeline.train.online import OnlineBatch, build_label_maker
+
+        clip = random_clip(VIT_B_16, seed=0)
+        model = build_model({"name": "weclip-plus"}, 21, clip=clip, dino=random_dino(VIT_S_14, seed=0))
+        maker = build_label_maker({"method": "weclip-plus", "cam_input_block": 10, "replace_from": 0}, clip,
+                                  builtin("voc"))
+    elif name.startswith("weclip"):
         from pipeline.clip.random import VIT_B_16, random_clip
 
         clip = random_clip(VIT_B_16, seed=0)
@@ -101,6 +117,8 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
         else:
             loss = segmentation_loss(out["logits"], labels, "bgfg") + \
                 0.1 * affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], 8))
+            if hasattr(maker, "extra_loss"):
+                loss = loss + maker.extra_loss(out, made)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -125,7 +143,7 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="weclip,weclip-online,excel,deeplabv2")
+    p.add_argument("--models", default="weclip,weclip-online,weclip-plus,excel,deeplabv2")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

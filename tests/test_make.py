@@ -204,6 +204,11 @@ COMMANDS: dict[str, Run | Skip] = {
         Run(check_eval_run("model_excel_voc-iter_0000002_val_crf")),
     'make eval WHAT=model CKPT=outputs/voc/train/excel_voc ROOT=~/data/VOC2012 SPLIT=val ARGS="--preset excel"':
         Run(check_eval_run("model_excel_voc-iter_0000002_val_preset-excel")),
+    "make train MODEL=weclip-plus DATASET=voc ROOT=~/data/VOC2012 SPLIT=train_aug CLIP=~/models/ViT-B-16.pt "
+    "DINO=~/models/dinov2_vits14_pretrain.pth":
+        Run(check_train("weclip-plus_voc"), {"VAL_SPLIT": "val", "ARGS": f"{SHORT} --set model.width=64 --set model.heads=2"}),
+    'make eval WHAT=model CKPT=outputs/voc/train/weclip-plus_voc ROOT=~/data/VOC2012 SPLIT=val ARGS="--crf"':
+        Run(check_eval_run("model_weclip-plus_voc-iter_0000002_val_crf")),
     "make eval WHAT=model CKPT=outputs/voc/train/weclip_voc ROOT=~/data/VOC2012 SPLIT=val": Run(check_eval_model),
     "make export-mmseg DATASET=voc ROOT=~/data/VOC2012": Run(check_export, {"SPLIT": "train_aug", "VAL_SPLIT": "val"}),
     "make bench": Skip("speed figures at real model sizes take minutes; benchmarks are not correctness checks"),
@@ -239,6 +244,7 @@ class Ctx:
     coco: Path
     lists: Path
     clip: Path
+    dino: Path
     resnet: Path
     images: Path
     train_ids: list
@@ -266,6 +272,10 @@ def ctx(tmp_path_factory, tiny_clip_path) -> Ctx:
     resnet = base / "models dir" / "deeplabv1_resnet101-coco.pth"
     import torch
 
+    from pipeline.dino.random import TINY as TINY_DINO, random_dino, save_dino
+
+    dino = save_dino(random_dino(TINY_DINO, seed=4), base / "models dir" / "dinov2_vits14_pretrain.pth")
+
     from pipeline.models import DeepLab
 
     # deeplab-pytorch's key layout, as its converted init files
@@ -273,7 +283,7 @@ def ctx(tmp_path_factory, tiny_clip_path) -> Ctx:
     work = base / "work dir"
     work.mkdir()
     (work / "configs").symlink_to(ROOT / "configs")
-    return Ctx(work, voc, coco, lists, clip, resnet, images, train_ids, val_ids, coco_ids)
+    return Ctx(work, voc, coco, lists, clip, dino, resnet, images, train_ids, val_ids, coco_ids)
 
 
 def localize(ctx: Ctx, var: str, value: str, dataset: str) -> str:
@@ -282,6 +292,8 @@ def localize(ctx: Ctx, var: str, value: str, dataset: str) -> str:
         return str(ctx.coco if dataset == "coco" else ctx.voc)
     if var == "CLIP":
         return str(ctx.clip)
+    if var == "DINO":
+        return str(ctx.dino)
     if var == "INIT":
         return str(ctx.resnet)
     if var == "IMAGES":

@@ -1,5 +1,5 @@
 """Segmentation models trained on pseudo labels: WeCLIP's decoder on frozen CLIP, ExCEL's calibrated
-variant of it, DeepLabV2/V3+.
+variant of it, WeCLIP+'s shared decoder on frozen CLIP and DINOv2, DeepLabV2/V3+.
 
 ``build_model(model_cfg, num_classes)`` is the one constructor the trainer, inference and
 benchmarks use; every model maps normalised images (B, 3, H, W) to logits (B, C, H, W) in eval mode,
@@ -27,6 +27,7 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "weclip": ("clip", "encoder_blocks", "width", "heads", "depth", "dropout", "train.aff_weight"),
     "excel": ("clip", "width", "heads", "depth", "dropout", "calibrated_blocks", "attention_layers", "pos_via",
               "eval_pos_via", "exact", "statistics", "relation_scale", "train.aff_weight"),
+    "weclip-plus": ("clip", "dino", "branches", "width", "heads", "depth", "dropout", "train.aff_weight"),
     "deeplabv2": ("layers", "base_width", "layout", "msc_scales", "freeze_bn", "pretrained"),
     "deeplabv3plus": ("layers", "base_width", "layout", "msc_scales", "freeze_bn", "pretrained"),
 }
@@ -43,18 +44,20 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def build_model(cfg: Mapping[str, Any], num_classes: int, clip: nn.Module | None = None,
-                log=print) -> nn.Module:
+                log=print, dino: nn.Module | None = None) -> nn.Module:
     """Model from the ``model:`` section of a training config, on the CPU in float32.
 
     weclip: ``clip`` (checkpoint path; or pass a CLIP module as ``clip``), ``encoder_blocks``, ``width``,
     ``heads``, ``depth``, ``dropout``. excel: the same but over all blocks, plus ``calibrated_blocks``,
     ``attention_layers``, ``pos_via``, ``exact``, ``statistics``, ``relation_scale`` (see
-    ``excel.ExcelSeg``). deeplabv2 / deeplabv3plus: ``layers``, ``base_width``, ``layout``
+    ``excel.ExcelSeg``). weclip-plus: ``clip``, ``dino`` (DINOv2 backbone file), ``branches`` (both | clip |
+    dino), ``width``, ``heads``, ``depth``, ``dropout`` (see ``weclip_plus``; or pass a DINOv2 module as
+    ``dino``). deeplabv2 / deeplabv3plus: ``layers``, ``base_width``, ``layout``
     (caffe | torchvision), ``msc_scales`` (v2: extra input scales fused by max, [] = single scale),
     ``freeze_bn`` (auto = frozen when a pretrained file is given), ``pretrained`` (checkpoint path or null).
     """
     name = cfg.get("name")
-    if name in ("weclip", "excel"):
+    if name in ("weclip", "excel", "weclip-plus"):
         if clip is None:
             from ..clip.model import load_clip
 
@@ -65,6 +68,10 @@ def build_model(cfg: Mapping[str, Any], num_classes: int, clip: nn.Module | None
             from .excel import build
 
             return build(cfg, num_classes, clip)
+        if name == "weclip-plus":
+            from .weclip_plus import build
+
+            return build(cfg, num_classes, clip, dino)
         return WeCLIPSeg(clip, num_classes, cfg.get("encoder_blocks"), int(cfg.get("width", 256)),
                          int(cfg.get("heads", 8)), int(cfg.get("depth", 3)), float(cfg.get("dropout", 0.1)))
     if name in ("deeplabv2", "deeplabv3plus"):

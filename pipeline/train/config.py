@@ -49,6 +49,9 @@ class ModelSection:
     exact: bool = True
     statistics: str = "batch"
     relation_scale: float = 3.0
+    # WeCLIP+ only: the DINOv2 backbone file; which branches predict (both | clip | dino)
+    dino: str | None = None
+    branches: str = "both"
 
 
 @dataclass
@@ -127,6 +130,15 @@ class OnlineSection:
     tse: bool = True
     descriptions: str | None = None
     attribute_bank: str | None = None
+    # WeCLIP+ only (pipeline/train/online/weclip_plus.py): GradCAM's input block, CAMs x segmentation
+    # softmax, box masks, confident-pixel replacement, weights of the Dice and cross-branch losses
+    cam_input_block: int | None = None
+    seg_weighting: bool | None = None
+    box_masks: bool | None = None
+    replace_from: int | None = None
+    replace_threshold: float | None = None
+    dice_weight: float | None = None
+    cross_weight: float | None = None
 
 
 @dataclass
@@ -173,7 +185,8 @@ class Config:
 
 # Keys that may change between an interrupted run and its resumption without changing the result.
 RESUME_FREE = {"data.workers", "train.ckpt_every", "train.keep_checkpoints", "train.log_every", "train.device",
-               "train.val_every", "train.val_max_images", "data.root", "data.pseudo", "model.clip", "infer", "val"}
+               "train.val_every", "train.val_max_images", "data.root", "data.pseudo", "model.clip", "model.dino", "infer",
+               "val"}
 
 
 class ConfigError(ValueError):

@@ -49,22 +49,27 @@ def check_inputs(step, val_samples, num_classes: int, proc: Process) -> None:
 
 
 def fingerprints(cfg: Mapping, step) -> dict[str, Any]:
-    """What the run depends on beyond its config, by content: the CLIP file's sha256 (None without one,
-    or when it is missing: the loader names it) and the label files' identity (``LabelStep.identity``).
-    Recorded at the start of the run, in ``config.json`` and every checkpoint's meta (``inputs``)."""
-    clip = Path(cfg["model"]["clip"]).expanduser() if cfg["model"]["clip"] else None
-    return {"clip_sha256": sha256_file(clip) if clip is not None and clip.is_file() else None,
-            "pseudo": step.identity()}
+    """What the run depends on beyond its config, by content: the backbone files' sha256 (CLIP, and WeCLIP+'s
+    DINOv2; None without one, or when it is missing: the loader names it) and the label files' identity
+    (``LabelStep.identity``). Recorded at the start of the run, in ``config.json`` and every checkpoint's
+    meta (``inputs``)."""
+    out = {}
+    for key in ("clip", "dino"):
+        path = Path(cfg["model"][key]).expanduser() if cfg["model"].get(key) else None
+        out[f"{key}_sha256"] = sha256_file(path) if path is not None and path.is_file() else None
+    out["pseudo"] = step.identity()
+    return out
 
 
 def fingerprint_differences(old: Mapping[str, Any], new: Mapping[str, Any], cfg: Mapping) -> list[str]:
     """Why inputs recorded by a run (``old``) and today's (``new``) are not the same content, one line each;
     a side that recorded nothing (no CLIP file, ground truth) is not compared."""
     out = []
-    a, b = old.get("clip_sha256"), new.get("clip_sha256")
-    if a and b and a != b:
-        out.append(f"model.clip {cfg['model']['clip']} is not the CLIP the run started with (sha256 {b[:16]}..., "
-                   f"the run's {a[:16]}...)")
+    for key, what in (("clip", "CLIP"), ("dino", "DINOv2")):
+        a, b = old.get(f"{key}_sha256"), new.get(f"{key}_sha256")
+        if a and b and a != b:
+            out.append(f"model.{key} {cfg['model'][key]} is not the {what} the run started with (sha256 {b[:16]}..., "
+                       f"the run's {a[:16]}...)")
     a, b = old.get("pseudo"), new.get("pseudo")
     if a and b and a != b:
         where = f"data.pseudo {cfg['data']['pseudo']}"

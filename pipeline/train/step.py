@@ -40,6 +40,9 @@ class LabelStep(Protocol):
         """(model outputs with 'logits' (and 'affinity', 'grid' for the affinity loss), label maps
         (B, H, W), label maps the affinity loss takes its pair targets from) of a batch."""
 
+    def extra_loss(self, outputs: Mapping[str, Any], pool: Pool) -> torch.Tensor | None:
+        """The label method's own loss terms for the batch ``labels`` last made (None: it has none)."""
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -74,7 +77,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
             loss_seg = model_loss(model, out["logits"], labels, s.loss, pool)
             loss_aff = affinity_loss(out["affinity"], affinity_labels(pairs, out["grid"], s.aff_radius), pool) \
                 if s.aff_weight else torch.zeros((), device=device)
-            loss = (loss_seg + s.aff_weight * loss_aff) / s.accum
+            loss = loss_seg + s.aff_weight * loss_aff
+            extra = step.extra_loss(out, pool)
+            loss = (loss if extra is None else loss + extra) / s.accum
             scaler.scale(loss).backward()
         loss_sum += float(loss.detach())
         seg_sum += float(loss_seg.detach()) / s.accum

@@ -67,3 +67,6 @@ class OfflineStep:
         out = model(images, outputs="train") if self.affinity else {"logits": model(images)}
         labels = targets.to(images.device, non_blocking=True)
         return out, labels, labels
+
+    def extra_loss(self, outputs, pool) -> None:
+        return None

@@ -63,7 +63,13 @@ class OnlineStep:
         batch = OnlineBatch(images, [torch.nonzero(t).flatten().tolist() for t in targets],
                             [tuple(map(int, key)) for key in keys[0]])
         made = self.maker(batch, out, iteration)
+        self.made = made
         return out, made.labels, made.labels if made.affinity_targets is None else made.affinity_targets
+
+    def extra_loss(self, outputs: Mapping[str, Any], pool) -> torch.Tensor | None:
+        """The maker's own loss terms (WeCLIP+: Dice and cross-branch; ``LabelMaker.extra_loss``)."""
+        extra = getattr(self.maker, "extra_loss", None)
+        return None if extra is None else extra(outputs, self.made, pool)
 
 
 def image_level_samples(ds, split: str) -> tuple[list[str], list[list[int]]]:

@@ -8,9 +8,11 @@ frozen encoder pass and the decoder's patch affinity, then asks the label maker 
     out = model(batch.images, outputs="train", attention_blocks=maker.attention_blocks)
     labels = maker(batch, out, iteration).labels       # (B, H, W) int64, 0 background, c + 1 class c
 
-Each method is one module (``weclip``, ``excel``); its initial CAMs come from a ``CAMSource`` (the CAM stage's
+Each method is one module (``weclip``, ``excel``, ``weclip_plus``); its initial CAMs come from a ``CAMSource`` (the CAM stage's
 batched Softmax-GradCAM by default, ``GradCAMSource``), so a method can swap in its own CAMs (ExCEL's
-calibrated CLIP pass) or a test can inject CAMs with known errors through the same call.
+calibrated CLIP pass) or a test can inject CAMs with known errors through the same call. A method with
+losses of its own besides the loop's (WeCLIP+'s Dice and cross-branch terms) adds them through
+``extra_loss(outputs, made, pool)``, which the loop adds to the step's loss.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 from ...cams.gradcam import label_slots
 from ...clip.model import Intermediates
 
-METHODS = ("weclip", "excel")
+METHODS = ("weclip", "excel", "weclip-plus")
 # The `online` keys each method reads besides `method`. The training config check refuses the others,
 # so a method plugs in by listing its keys here (and its settings' own check in ``check_settings``).
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -31,6 +33,9 @@ CONFIG_KEYS: dict[str, tuple[str, ...]] = {
                "exact_boxes", "par_iterations"),
     "excel": ("refine", "layer_filter", "static_layers", "filter_layers", "switch_iter", "box_threshold",
               "exact_boxes", "par_iterations", "segmentation_targets_from", "tse", "descriptions", "attribute_bank"),
+    "weclip-plus": ("layer_filter", "filter_layers", "box_threshold", "exact_boxes", "par_iterations",
+                    "cam_input_block", "seg_weighting", "box_masks", "replace_from", "replace_threshold",
+                    "dice_weight", "cross_weight"),
 }
 
 
@@ -124,6 +129,10 @@ def check_settings(cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> None
         from .weclip import WeCLIPConfig
 
         WeCLIPConfig.from_dict(cfg, WeCLIPConfig.box_threshold)
+    elif method == "weclip-plus":
+        from .weclip_plus import PlusConfig
+
+        PlusConfig.from_dict(cfg, PlusConfig.box_threshold)
 
 
 def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | None = None,
@@ -142,14 +151,16 @@ def build_label_maker(cfg: Mapping[str, Any], clip, classes, cams: CAMSource | N
         engine = ExcelEngine(clip, classes, engine_config(mcfg, classes, ecfg.box_threshold, dataset, cfg))
         return ExcelLabels(ecfg, cams or ExcelCAMSource(engine), engine, clip.arch.vision_layers,
                            mcfg.get("statistics", "batch"), float(mcfg.get("relation_scale", 3.0)))
-    if method == "weclip":
-        from .weclip import WeCLIPConfig, WeCLIPLabels
-
-        wcfg = WeCLIPConfig.from_dict(cfg, classes.box_threshold)
+    if method in ("weclip", "weclip-plus"):
+        if method == "weclip":
+            from .weclip import WeCLIPConfig as Config, WeCLIPLabels as Labels
+        else:
+            from .weclip_plus import PlusConfig as Config, WeCLIPPlusLabels as Labels
+        wcfg = Config.from_dict(cfg, classes.box_threshold)
         if cams is None:
             from ...cams.gradcam import CAMConfig, CAMEngine
 
             # no CAA inside the engine: RFM refines the GradCAM maps; fp32/bf16 arithmetic, no fp16 emulation
             cams = GradCAMSource(CAMEngine(clip, classes, CAMConfig(box_threshold=wcfg.box_threshold, exact=False)))
-        return WeCLIPLabels(wcfg, cams, clip.arch.vision_layers)
+        return Labels(wcfg, cams, clip.arch.vision_layers)
     raise ValueError(f"online.method must be one of {', '.join(METHODS)} (or null for offline labels), got {method!r}")
