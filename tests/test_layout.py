@@ -7,7 +7,7 @@ from pathlib import Path
 
 PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 # bottom to top; a package may import only packages of a lower level
-LEVEL = {"data": 0, "clip": 0, "labels": 1, "models": 2, "eval": 3, "cams": 4, "train": 5}
+LEVEL = {"data": 0, "clip": 0, "dino": 0, "labels": 1, "models": 2, "eval": 3, "cams": 4, "train": 5}
 TOP_MODULES = {"io", "procs", "classes", "checkpoint"}
 
 

@@ -16,7 +16,9 @@ from pipeline.data import labelio
 from pipeline.data.datasets import build_dataset
 from pipeline.dino.random import TINY as TINY_DINO, random_dino, save_dino
 from pipeline.eval import metrics
-from pipeline.train.loop import aug_config, load_config, train
+from pipeline.train.config import load_config
+from pipeline.train.inputs import aug_config
+from pipeline.train.loop import train
 from pipeline.train.online import build_label_maker, pad_maps
 from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, log_rows, make_data, overrides,
                          torchrun_train)
