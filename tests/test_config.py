@@ -80,7 +80,7 @@ def test_resume_compares_typed_values():
     ("configs/weclip-online_voc.yaml", "online.segmentation_targets_from=5", r"online\.segmentation_targets_from: "),
     ("configs/weclip_voc.yaml", "online.switch_iter=5", r"online\.switch_iter: offline training"),
     ("configs/deeplab_voc.yaml", "model.clip=ViT-B-16.pt", r"model\.clip: the deeplabv2 model does not read it "
-                                                           r"\(read by weclip, excel\)"),
+                                                           r"\(read by weclip, excel, weclip-plus\)"),
     ("configs/deeplab_voc.yaml", "train.aff_weight=0.1", r"train\.aff_weight: the deeplabv2 model"),
     ("configs/weclip_voc.yaml", "optim.momentum=0.5", r"optim\.momentum: optimiser adamw does not read it"),
     ("configs/excel_voc.yaml", "data.supervision=gt", r"data\.supervision=gt trains on ground-truth masks"),
