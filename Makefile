@@ -44,7 +44,7 @@ NEED_CONFIG = $(if $(or $(filter-out file,$(origin CONFIG)),$(wildcard $(CONFIG)
 	$(filter $(MODEL),$(MODELS)),$(NO_CONFIG),$(NO_MODEL))) >&2; exit 2)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test cams cams-pseudo attributes prompts pseudo eval viz train predict export-mmseg demo bench
+.PHONY: help setup test cams cams-pseudo attributes prompts pseudo eval viz train predict export-mmseg demo bench gpu-check
 
 help:
 	@echo "clip-wsss: weakly supervised segmentation with a frozen CLIP (README.md has the details)"
@@ -64,7 +64,8 @@ help:
 	@echo "                    or MODEL=weclip-plus               DATASET ROOT CLIP DINO (labels made online) [SPLIT VAL_SPLIT CONFIG OUT NPROC]"
 	@echo "  make predict       label PNGs + overlays              CKPT and IMAGES, or DATASET ROOT SPLIT [OUT CLIP]"
 	@echo "  make export-mmseg  mmsegmentation dataset + config    DATASET ROOT [SPLIT VAL_SPLIT LABELS OUT]"
-	@echo "  make bench         speed figures"
+	@echo "  make bench         speed figures, about 10 minutes on 2 cores        [ARGS=--quick: toy sizes]"
+	@echo "  make gpu-check     on a CUDA machine: GPU tests + GPU speed figures (run it first there)"
 	@echo ""
 	@echo "Extra flags of the underlying command go through ARGS=\"...\" (e.g. ARGS=\"--overwrite\")."
 
@@ -149,7 +150,10 @@ export-mmseg:
 demo:
 	$(PY) -m stages.demo $(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
 
+# every part (cams, pseudo, train; gpu where CUDA is): ARGS reaches each, e.g. ARGS="--quick"
 bench:
-	$(PY) -m benchmarks.cams $(ARGS)
-	$(PY) -m benchmarks.pseudo
-	$(PY) -m benchmarks.train
+	$(PY) -m benchmarks $(ARGS)
+
+# tests/test_gpu.py, then the GPU rows of the benchmarks, in one table with their floors (no CUDA: says so, exit 0)
+gpu-check:
+	$(PY) -m benchmarks.gpu_check $(ARGS)

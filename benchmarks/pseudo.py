@@ -1,6 +1,6 @@
 """Pseudo-label stage benchmark on synthetic VOC-sized scenes.
 
-    python -m benchmarks.pseudo [--n 12] [--size 375x500] [--jobs 1,2]
+    python -m benchmarks.pseudo [--n 6] [--size 375x500] [--jobs 1,2]
 
 Prints (1) images/s of ``run_pseudo`` at each worker count, side by side, and the speed-up;
 (2) per-image time against a straightforward single-process pydensecrf loop (OpenCV read, CRF,
@@ -164,9 +164,10 @@ def _speed_run(method: str, n: int, size: tuple[int, int], labels: int, batch: i
             "gpu_peak_mb": peak_gpu}
 
 
-def crf_speed(n: int, scenarios: list[tuple[tuple[int, int], int]], jobs: int, batch: int) -> list[dict]:
+def crf_speed(n: int, scenarios: list[tuple[tuple[int, int], int]], jobs: int, batch: int,
+              fresh: bool = True) -> list[dict]:
     """Every backend on the same ``n`` images per scenario ((H, W), labels), each method in a fresh process
-    (so its peak memory is its own)."""
+    (so its peak memory is its own; ``fresh`` False: all in this one)."""
     import torch
 
     methods = [("pydensecrf", 1), ("pydensecrf-parallel", 1), ("torch-cpu", 1)]
@@ -180,8 +181,11 @@ def crf_speed(n: int, scenarios: list[tuple[tuple[int, int], int]], jobs: int, b
         for method, b in methods:
             from concurrent.futures import ProcessPoolExecutor
 
-            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                r = pool.submit(_speed_run, method, n, size, labels, b, jobs).result()
+            if fresh:
+                with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                    r = pool.submit(_speed_run, method, n, size, labels, b, jobs).result()
+            else:
+                r = _speed_run(method, n, size, labels, b, jobs)
             name = {"pydensecrf": "pydensecrf, 1 process", "pydensecrf-parallel": f"pydensecrf, {jobs} processes",
                     "torch-cpu": "torch CPU, 1 thread"}.get(method, f"torch CUDA, batch {b}")
             rows.append({"size": f"{size[0]}x{size[1]}", "labels": labels, "backend": name,
@@ -218,18 +222,21 @@ def crf_agreement(n: int, size: tuple[int, int], preset: str, seed: int = 1) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pseudo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=12, help="synthetic images")
+    p.add_argument("--n", type=int, default=6, help="synthetic images")
     p.add_argument("--size", default="375x500", help="HxW of each image (VOC-like)")
     p.add_argument("--jobs", default="1,2", help="worker counts to time")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per worker count (best is reported)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs per worker count (best is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", default=None, help="keep the synthetic data here (default: a temp folder)")
-    p.add_argument("--crf-n", type=int, default=4, help="images per scenario in the CRF backend comparison (0: skip it)")
+    p.add_argument("--crf-n", type=int, default=1, help="images per scenario in the CRF backend comparison (0: skip it)")
     p.add_argument("--crf-sizes", default="375x500:3,480x640:81", help="CRF comparison scenarios HxW:labels")
     p.add_argument("--crf-batch", type=int, default=8, help="images per batch for the batched GPU run")
-    p.add_argument("--agreement", type=int, default=6, help="scenes per preset for the torch/pydensecrf agreement (0: skip it)")
+    p.add_argument("--agreement", type=int, default=2, help="scenes per preset for the torch/pydensecrf agreement (0: skip it)")
     p.add_argument("--only-crf", action="store_true", help="skip (1)-(3): only the CRF backend sections")
+    p.add_argument("--quick", action="store_true", help="2 small images, every section once: checks the code only")
     a = p.parse_args(argv)
+    if a.quick:
+        a.n, a.size, a.jobs, a.repeat, a.crf_n, a.crf_sizes, a.agreement = 2, "48x64", "1", 1, 1, "48x64:3", 1
     H, W = (int(v) for v in a.size.lower().split("x"))
     jobs = [int(j) for j in a.jobs.split(",")]
     if not a.only_crf:
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
     if a.crf_n:
         print(f"\ndense CRF backends, same {a.crf_n} images per row (CLIP-ES preset, wrapped guide, fp16 unary); "
               "peak RSS includes the inputs and the Python process")
-        print(metrics.format_table(crf_speed(a.crf_n, scenarios, cores, a.crf_batch)))
+        print(metrics.format_table(crf_speed(a.crf_n, scenarios, cores, a.crf_batch, fresh=not a.quick)))
     if a.agreement and crf.pydensecrf_available():
         print(f"\nagreement of the torch backend with pydensecrf, {H}x{W} scenes with 2-21 labels (%)")
         print(metrics.format_table([crf_agreement(a.agreement, (H, W), name) for name in ("clipes", "weclip")]))

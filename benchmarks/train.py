@@ -31,6 +31,7 @@ import multiprocessing as mp
 import resource
 import sys
 import time
+from pathlib import Path
 
 SETTINGS = {"weclip": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr": 2e-4, "head_lr_mult": 10,
                                                           "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8}},
@@ -44,7 +45,15 @@ SETTINGS = {"weclip": {"batch": 4, "crop": 320, "optim": {"name": "adamw", "lr":
                                                              "weight_decay": 5e-4, "momentum": 0.9}}}
 
 
-def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) -> None:
+class Rows(list):
+    """A list that ``bench_one`` can report to in place of a process queue."""
+
+    def put(self, item) -> None:
+        self.append(item)
+
+
+def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue, quick: bool = False) -> None:
+    """One model's steps; puts its row on ``queue``. ``quick``: a tiny CLIP / ResNet, batch 2, crop 32."""
     import torch
 
     from pipeline.models import build_model, trainable_parameters
@@ -53,24 +62,26 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     from pipeline.train.losses import affinity_labels, affinity_loss, model_loss, segmentation_loss
     from pipeline.train.optim import build_optimizer
 
-    s = SETTINGS[name]
+    s = dict(SETTINGS[name], **({"batch": 2, "crop": 32} if quick else {}))
+    arch = "TINY" if quick else "VIT_B_16"
     dev = torch.device(device)
     torch.manual_seed(0)
     maker = None
     if name == "weclip-plus":
         from pipeline.classes import builtin
-        from pipeline.clip.random import VIT_B_16, random_clip
-        from pipeline.dino.random import VIT_S_14, random_dino
+        from pipeline.clip import random as rnd
+        from pipeline.dino import random as dino_rnd
         from pipeline.train.online import OnlineBatch, build_label_maker
 
-        clip = random_clip(VIT_B_16, seed=0)
-        model = build_model({"name": "weclip-plus"}, 21, clip=clip, dino=random_dino(VIT_S_14, seed=0))
-        maker = build_label_maker({"method": "weclip-plus", "cam_input_block": 10, "replace_from": 0}, clip,
+        clip = rnd.random_clip(getattr(rnd, arch), seed=0)
+        dino = dino_rnd.random_dino(dino_rnd.TINY if quick else dino_rnd.VIT_S_14, seed=0)
+        model = build_model({"name": "weclip-plus"}, 21, clip=clip, dino=dino)
+        maker = build_label_maker({"method": "weclip-plus", "cam_input_block": None if quick else 10, "replace_from": 0}, clip,
                                   builtin("voc"))
     elif name.startswith("weclip"):
-        from pipeline.clip.random import VIT_B_16, random_clip
+        from pipeline.clip import random as rnd
 
-        clip = random_clip(VIT_B_16, seed=0)
+        clip = rnd.random_clip(getattr(rnd, arch), seed=0)
         model = build_model({"name": "weclip"}, 21, clip=clip)
         if name == "weclip-online":
             from pipeline.classes import builtin
@@ -80,14 +91,16 @@ def bench_one(name: str, iters: int, warmup: int, device: str, amp: str, queue) 
     elif name == "excel":
         from pipeline.classes import builtin
         from pipeline.train.online import OnlineBatch, build_label_maker
-        from pipeline.clip.random import VIT_B_16, random_clip
+        from pipeline.clip import random as rnd
 
-        clip = random_clip(VIT_B_16, seed=0)
+        clip = rnd.random_clip(getattr(rnd, arch), seed=0)
         model = build_model({"name": "excel"}, 21, clip=clip)
         maker = build_label_maker({"method": "excel", "switch_iter": 0, "segmentation_targets_from": 0,
                                    "tse": False}, clip, builtin("voc"), model_cfg={"name": "excel"}, dataset="voc")
     else:
-        cfg = load_config("configs/deeplab_voc.yaml")["model"]
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "deeplab_voc.yaml")["model"]
+        if quick:
+            cfg = {**cfg, "layers": [1, 1, 1, 1], "base_width": 8}
         model = build_model({**cfg, "name": name, "freeze_bn": True}, 21, log=lambda *_: None)
     model = model.to(dev).train()
     opt = build_optimizer(model, s["optim"])
@@ -144,20 +157,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="weclip,weclip-online,weclip-plus,excel,deeplabv2")
-    p.add_argument("--iters", type=int, default=3, help="timed iterations per model")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations per model")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"))
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny models, one timed iteration: checks the code only")
     args = p.parse_args(argv)
+    if args.quick:
+        args.iters, args.warmup = 1, 0
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = mp.get_context("spawn")
-    rows = []
+    rows = Rows()
     for name in args.models.split(","):
+        if args.quick:  # in this process: no start-up per model (its memory figure is then not its own)
+            bench_one(name, args.iters, args.warmup, device, args.amp, rows, quick=True)
+            continue
         q = ctx.Queue()
-        proc = ctx.Process(target=bench_one, args=(name, args.iters, args.warmup, device, args.amp, q))
+        proc = ctx.Process(target=bench_one, args=(name, args.iters, args.warmup, device, args.amp, q, args.quick))
         proc.start()
         proc.join()
         if proc.exitcode != 0:

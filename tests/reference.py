@@ -36,7 +36,8 @@ class _Block(nn.Module):
 
     def forward(self, x):  # x (L, N, D)
         y = self.ln_1(x)
-        out, w = self.attn(y, y, y, need_weights=True, attn_mask=self.mask)
+        mask = None if self.mask is None else self.mask.to(x.dtype)  # as CLIP-ES: the mask in the input's dtype
+        out, w = self.attn(y, y, y, need_weights=True, attn_mask=mask)
         x = x + out
         return x + self.mlp(self.ln_2(x)), w
 
@@ -86,6 +87,18 @@ class ReferenceCLIP(nn.Module):
                 p.data.copy_(sd[src].float())
         self.requires_grad_(True)  # the reference's clip.load leaves parameters trainable
 
+    def as_on_cuda(self) -> "ReferenceCLIP":
+        """In place, the precision ``clip.load`` gives on CUDA (OpenAI's convert_weights): conv, linear and
+        attention weights and the two projections in fp16; embeddings, LayerNorms and logit_scale stay float32
+        (LayerNorms compute in float32). Inputs are then cast to fp16, as ``encode_image`` does."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.half()
+            elif isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.data, m.in_proj_bias.data = m.in_proj_weight.data.half(), m.in_proj_bias.data.half()
+        self.proj, self.text_projection = self.proj.half(), self.text_projection.half()
+        return self
+
     def upsample_pos_emb(self, h: int, w: int) -> torch.Tensor:
         first, grid = self.vpos[:1], self.vpos[1:]
         g = int(np.sqrt(grid.shape[0]))
@@ -97,8 +110,8 @@ class ReferenceCLIP(nn.Module):
         h, w = img.shape[-2] // self.patch, img.shape[-1] // self.patch
         x = self.conv1(img)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype)
-        x = torch.cat([cls, x], dim=1) + self.upsample_pos_emb(h, w)
+        cls = self.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+        x = torch.cat([cls, x], dim=1) + self.upsample_pos_emb(h, w).to(x.dtype)
         x = self.ln_pre(x).permute(1, 0, 2)
         attns = []
         with torch.no_grad():
@@ -118,17 +131,18 @@ class ReferenceCLIP(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = (self.token_embedding(tokens) + self.tpos).permute(1, 0, 2)
+        dt = self.tblocks[0].attn.in_proj_weight.dtype  # OpenAI's model.dtype: fp16 after convert_weights
+        x = (self.token_embedding(tokens).to(dt) + self.tpos.to(dt)).permute(1, 0, 2)
         for blk in self.tblocks:
             x = blk(x)[0]
         x = self.ln_final(x.permute(1, 0, 2))
-        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ self.text_projection
 
 
 def reference_text(model: ReferenceCLIP, strings: list[str], template: str) -> torch.Tensor:
     rows = []
     for s in strings:
-        f = model.encode_text(tokenize([template.format(s)]))
+        f = model.encode_text(tokenize([template.format(s)]).to(model.tpos.device))
         f = f / f.norm(dim=-1, keepdim=True)
         f = f.mean(dim=0)
         rows.append(f / f.norm())
@@ -178,15 +192,17 @@ def reference_cams(model: ReferenceCLIP, image: torch.Tensor, labels: list[int],
             model.zero_grad()
             probs, attn_last = model.forward_last_layer(feats, rows)
             probs[0, j].backward()
-            act = saved["act"].permute(1, 0, 2)[:, 1:, :].reshape(1, h, w, -1).permute(0, 3, 1, 2).numpy()
-            grad = saved["grad"].permute(1, 0, 2)[:, 1:, :].reshape(1, h, w, -1).permute(0, 3, 1, 2).numpy()
+            act = saved["act"].permute(1, 0, 2)[:, 1:, :].reshape(1, h, w, -1).permute(0, 3, 1, 2).cpu().numpy()
+            grad = saved["grad"].permute(1, 0, 2)[:, 1:, :].reshape(1, h, w, -1).permute(0, 3, 1, 2).cpu().numpy()
             weights = np.mean(grad, axis=(2, 3))
-            cam = np.maximum((weights[:, :, None, None] * act).sum(axis=1), 0)
+            # fp16 arrays on CUDA: base_cam.py scales in float32 ("float16->32")
+            cam = np.maximum((weights[:, :, None, None] * act).sum(axis=1), 0).astype(host)
             cam = np.asarray([_scale(c) for c in cam], host)[:, None]     # per layer
             cam = _scale(np.mean(np.maximum(cam, 0), axis=1)[0])          # aggregate the one layer
             init.append(cam)
 
             attn_all = torch.stack(attns + [attn_last.detach()])[-8:].mean(dim=0)[0, 1:, 1:]
+            attn_all = attn_all.cpu().to(torch.float64 if host == np.float64 else torch.float32)  # the script's .float()
             box, cnt = scoremap2bbox(cam, threshold, clip_boxes)
             mask = torch.zeros(h, w)
             for x0, y0, x1, y1 in box[:cnt]:
@@ -204,3 +220,71 @@ def reference_cams(model: ReferenceCLIP, image: torch.Tensor, labels: list[int],
     finally:
         handle.remove()
     return np.stack(refined), np.stack(init)
+
+
+# ---------------------------------------------------------------------- fp16 spread (GPU tolerance)
+def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
+    """The reference's box mask of one map (``scoremap2bbox``, boxes filled as its script fills them)."""
+    mask = np.zeros(cam.shape, bool)
+    box, cnt = scoremap2bbox(cam, threshold)
+    for x0, y0, x1, y1 in box[:cnt]:
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def map_distance(a: list[np.ndarray], b: list[np.ndarray], keep: list[np.ndarray] | None = None) -> dict[str, float]:
+    """Two runs' maps, per image (K, h, w) -> over all maps (those flagged in ``keep``, per image (K,) bool):
+    the largest and the mean absolute difference, the lowest Pearson correlation (1 for a map constant and
+    equal in both runs, 0 for one constant in one run only) and the number of maps compared."""
+    diffs, worst_r, n = [], 1.0, 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        for k, (u, v) in enumerate(zip(np.asarray(x, np.float64), np.asarray(y, np.float64))):
+            if keep is not None and not keep[i][k]:
+                continue
+            diffs.append(np.abs(u - v).ravel())
+            if u.std() == 0 or v.std() == 0:
+                r = 1.0 if np.array_equal(u, v) else 0.0
+            else:
+                r = float(np.corrcoef(u.ravel(), v.ravel())[0, 1])
+            worst_r, n = min(worst_r, r), n + 1
+    d = np.concatenate(diffs) if diffs else np.zeros(1)
+    return {"max_abs": float(d.max()), "mean_abs": float(d.mean()), "min_pearson": worst_r, "maps": n}
+
+
+def same_boxes(init_a: list[np.ndarray], init_b: list[np.ndarray], threshold: float) -> list[np.ndarray]:
+    """Per image (K,) bool: the two runs' GradCAM maps give the same box mask. Where they do not, a
+    pixel crossed the box threshold and the refined maps differ by whole boxes, a jump that says nothing
+    about the arithmetic's precision."""
+    return [np.array([np.array_equal(box_mask(u, threshold), box_mask(v, threshold)) for u, v in zip(x, y)])
+            for x, y in zip(init_a, init_b)]
+
+
+def compare_runs(a: list[tuple[np.ndarray, np.ndarray]], b: list[tuple[np.ndarray, np.ndarray]],
+                 threshold: float) -> dict[str, dict[str, float]]:
+    """Two runs, per image (refined, init) -> {'init': GradCAM maps, 'cams': refined maps whose box masks
+    agree (``same_boxes``)}, each ``map_distance``."""
+    init_a, init_b = [r[1] for r in a], [r[1] for r in b]
+    keep = same_boxes(init_a, init_b, threshold)
+    return {"init": map_distance(init_a, init_b),
+            "cams": map_distance([r[0] for r in a], [r[0] for r in b], keep)}
+
+
+def precision_spread(state_dict: dict[str, torch.Tensor], images: torch.Tensor, labels: list[list[int]],
+                     strings: list[str], template: str, num_classes: int, threshold: float,
+                     device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """How far the reference's own maps move between float32 and the precision CLIP-ES runs in on CUDA
+    (``as_on_cuda``: fp16 weights and activations, numpy host arithmetic on fp16 arrays), on the same
+    inputs and ``device`` (fp16 on the CPU where torch has the kernels): ``compare_runs`` of the two.
+
+    images (B, 3, H', W') normalised, labels per image; strings: the text rows (foreground prompts then
+    background)."""
+    runs = {}
+    for name in ("float32", "cuda"):
+        model = ReferenceCLIP(state_dict).to(device)
+        if name == "cuda":
+            model.as_on_cuda()
+        text = reference_text(model, strings, template)
+        dt = torch.float16 if name == "cuda" else torch.float32
+        runs[name] = [reference_cams(model, images[b:b + 1].to(device, dt), labels[b], text, num_classes, threshold)
+                      for b in range(len(labels))]
+    return compare_runs(runs["float32"], runs["cuda"], threshold)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT
@@ -168,10 +169,15 @@ def check_export(ctx, proc):
     assert (out / "val.txt").read_text().split() == ctx.val_ids
 
 
+def check_no_gpu(ctx, proc):
+    assert "gpu-check: no CUDA device on this machine" in proc.stdout and "nothing to check" in proc.stdout
+
+
 # README command (as written, comment dropped, spaces collapsed) -> how the test runs it.
 COMMANDS: dict[str, Run | Skip] = {
     "make setup": Skip("creates .venv and installs packages from the network"),
     "make test": Skip("runs this very suite"),
+    "make gpu-check": Run(check_no_gpu) if not torch.cuda.is_available() else Skip("the GPU checks themselves (minutes)"),
     "make demo": Run(check_demo(random=True)),
     "make demo CLIP=~/models/ViT-B-16.pt": Run(check_demo(random=False)),
     "make cams DATASET=voc ROOT=~/data/VOC2012 SPLIT=train_aug CLIP=~/models/ViT-B-16.pt": Run(check_cams),

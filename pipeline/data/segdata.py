@@ -73,7 +73,7 @@ def normalize(image: np.ndarray, kind: str = "imagenet") -> torch.Tensor:
     convention's order (BGR for 'caffe')."""
     mean, std = NORMALIZATIONS[kind]
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float()  # a writable copy
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    x = (x - torch.tensor(mean, device=x.device).view(3, 1, 1)) / torch.tensor(std, device=x.device).view(3, 1, 1)
     return x.flip(0) if kind in BGR_INPUTS else x
 
 
@@ -82,7 +82,7 @@ def denormalize(x: torch.Tensor, kind: str = "imagenet") -> np.ndarray:
     mean, std = NORMALIZATIONS[kind]
     x = x.detach().float().cpu()
     x = x.flip(0) if kind in BGR_INPUTS else x
-    img = x * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    img = x * torch.tensor(std, device=x.device).view(3, 1, 1) + torch.tensor(mean, device=x.device).view(3, 1, 1)
     return img.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
