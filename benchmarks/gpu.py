@@ -263,7 +263,7 @@ def eval_rows(s: Setup) -> list[dict]:
     from pipeline.data.datasets import build_dataset
     from pipeline.eval.infer import InferConfig, predict_split
     from pipeline.models import build_model
-    from pipeline.train.loop import load_config
+    from pipeline.train.config import load_config
 
     split = make_split(s, "eval", s.sizes.eval_images)
     row = {"what": "make eval WHAT=model --crf (WeCLIP)", "unit": "img/s", "floor": 60.0}

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.eval.infer import InferConfig, checkpoint_infer_config
 from pipeline.labels.crf import capped_size, crf_low_confidence, raw_low_confidence, scores_argmax
-from pipeline.train.loop import load_config
+from pipeline.train.config import load_config
 
 # (iters, Gaussian sxy, Gaussian compat, bilateral sxy, bilateral srgb, bilateral compat), guide
 WECLIP = ((10, 3.0, 3.0, 64.0, 5.0, 4.0), "rgb")        # WeCLIP's test script DenseCRF, RGB image

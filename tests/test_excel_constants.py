@@ -18,7 +18,8 @@ from pipeline.classes import ClassList, builtin
 from pipeline.clip.model import CLIPArch, load_clip, read_state_dict
 from pipeline.clip.random import TINY, random_clip, save_clip
 from pipeline.models import ExcelSeg, build_model
-from pipeline.train.loop import load_config, train
+from pipeline.train.config import load_config
+from pipeline.train.loop import train
 from pipeline.train.online import OnlineBatch, build_label_maker
 from reference import ReferenceCLIP, reference_text
 from reference_excel import (compute_trans_mat, dynamic_relation, feature_affinity, filtered_attention, refined_maps,

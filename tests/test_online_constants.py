@@ -13,7 +13,7 @@ import torch
 from pipeline.classes import ClassList
 from pipeline.clip.model import Intermediates
 from pipeline.clip.random import TINY, random_clip
-from pipeline.train.loop import load_config
+from pipeline.train.config import load_config
 from pipeline.train.online import OnlineBatch, build_label_maker, pad_maps
 from pipeline.train.losses import affinity_labels
 from pipeline.train.online.weclip import online_labels
