@@ -157,3 +157,17 @@ def test_ddp_two_cpu_processes_with_gloo(data, tmp_path):
     assert len(log_rows(tmp_path / "ddp")) == 6
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").glob("iter_*.pt")) == \
         ["iter_0000003.pt", "iter_0000006.pt"]
+
+
+@pytest.mark.parametrize("method, missing", [(None, "SegmentationClassAug/"), ("weclip", "Annotations/")])
+def test_a_root_of_another_layout_is_refused_before_the_model_loads(tmp_path, monkeypatch, method, missing):
+    """Online training reads image-level labels (Annotations/), validation reads masks: a VOC root without
+    them is refused naming what is missing, before anything is built."""
+    (tmp_path / "JPEGImages").mkdir()
+    cfg = load_config("configs/weclip-online_voc.yaml" if method else "configs/weclip_voc.yaml",
+                      [f"data.root={tmp_path}"])
+    import pipeline.models
+
+    monkeypatch.setattr(pipeline.models, "build_model", lambda *a, **k: pytest.fail("model built"))
+    with pytest.raises(ValueError, match=f"has no .*{missing}"):
+        train(cfg, tmp_path / "run")

@@ -21,7 +21,9 @@ def open_inputs(cfg: Mapping, log: Callable[[str], None]):
     d = cfg["data"]
     if not d["root"]:
         raise ConfigError("data.root: the dataset folder is required (e.g. data.root=~/data/VOC2012)")
-    ds = build_dataset(d["dataset"], d["root"], d["classes"], d["labels"], d["masks"])
+    needs = ["images", *(["labels"] if cfg["online"]["method"] is not None else []),
+             *(["masks"] if d["supervision"] == "gt" or d["val_split"] else [])]
+    ds = build_dataset(d["dataset"], d["root"], d["classes"], d["labels"], d["masks"], needs=needs)
     step = OnlineStep(cfg, ds) if cfg["online"]["method"] is not None else OfflineStep(cfg, ds)
     val = []
     if d["val_split"]:
