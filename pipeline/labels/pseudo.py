@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import crf
-from .batched import DeviceLabeller, Item
 from ..data.camfile import check_cams, load_cams, missing_message, upsample_cams
 from .crf import DEFAULT_MAX_PIXELS
 from ..data.datasets import Dataset, SampleError, read_mask
@@ -213,10 +212,12 @@ def label_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple | N
     return task.image_id, None
 
 
-def prepare_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple | None = None) -> Item:
-    """Reader thread of the batched torch CRF: an image's float16 probabilities, guide and label values,
-    checked as ``crf.refine`` checks them (or its label, for an image above the resolution cap, labelled
-    alone; or its error)."""
+def prepare_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple | None = None):
+    """Reader thread of the batched torch CRF: a ``batched.Item`` with the image's float16 probabilities,
+    guide and label values, checked as ``crf.refine`` checks them (or its label, for an image above the
+    resolution cap, labelled alone; or its error)."""
+    from .batched import Item  # torch: not imported by the worker processes of the other paths
+
     try:
         image, keys, cams_patch = read_inputs(task, num_classes, arrays, cfg.require_gt)
         size = image.shape[:2]
@@ -233,9 +234,11 @@ def prepare_one(task: Task, cfg: PseudoConfig, num_classes: int, arrays: tuple |
 
 
 def device_labeller(cfg: PseudoConfig, num_classes: int, on_result: Callable[[str, str | None], None],
-                    n_jobs: int | None = None, batch: int = GPU_BATCH) -> DeviceLabeller:
-    """The batched torch CRF of ``cfg`` on its device, with ``n_jobs`` reader and writer threads;
-    ``submit(task, arrays=None)``."""
+                    n_jobs: int | None = None, batch: int = GPU_BATCH):
+    """The batched torch CRF of ``cfg`` on its device (a ``batched.DeviceLabeller``), with ``n_jobs`` reader
+    and writer threads; ``submit(task, arrays=None)``."""
+    from .batched import DeviceLabeller
+
     return DeviceLabeller(lambda task, arrays=None: prepare_one(task, cfg, num_classes, arrays),
                           lambda out, label: write_label(out, label, cfg.format), on_result,
                           params=cfg.crf, conf=cfg.conf, confidence=cfg.confidence, device=cfg.device,

@@ -40,6 +40,11 @@ def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple
         return torch.sparse_csr_tensor(crow, col, values, size, device=values.device, check_invariants=False)
 
 
+# Sparse products accumulate in float32 for 16-bit values: cuSPARSE computes them in no other type (and
+# some CUDA 13 releases not at all with 16-bit matrices), the CPU's in none.
+SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
 @dataclass(frozen=True)
 class Filter:
     """A lattice's Gaussian filter as sparse matrices in one dtype, for values of 1-2 or of 3+ channels.
@@ -58,13 +63,17 @@ class Filter:
     term_weights: torch.Tensor | None = None
 
     def filter(self, values: torch.Tensor) -> torch.Tensor:
-        """(P, C) -> (P, C) in the filter's dtype: splat, blur along each direction, slice."""
-        table = self.splat @ values
+        """(P, C) -> (P, C) in the values' dtype (computed in the filter's): splat, blur along each
+        direction, slice."""
+        dtype = self.splat.dtype
+        table = self.splat @ (values if values.dtype == dtype else values.to(dtype))
         for step in self.blur:  # new = 1/2 n1 + 1/2 n2 + old, which rounds as old + (n1 + n2) / 2
             table = step @ table
         if self.terms is None:
-            return self.slice @ table
-        return self.slice @ (table.index_select(0, self.terms) * self.term_weights)
+            out = self.slice @ table
+        else:
+            out = self.slice @ (table.index_select(0, self.terms) * self.term_weights)
+        return out if out.dtype == values.dtype else out.to(values.dtype)
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,10 @@ class Lattice:
         return self.blur.shape[2] - 1
 
     def operator(self, dtype: torch.dtype = torch.float32, channels: int = 3) -> Filter:
-        """The filter in ``dtype`` for values of ``channels`` channels (its weights are the float32 ones
-        converted, times alpha rounded to float32 and converted, as pydensecrf's float math does)."""
+        """The filter for values of ``dtype`` and ``channels`` channels, in that dtype (float32 for 16-bit
+        ones, see ``SPARSE_DTYPES``): its weights are the float32 ones converted, times alpha rounded to
+        float32 and converted, as pydensecrf's float math does."""
+        dtype = dtype if dtype in SPARSE_DTYPES else torch.float32
         P, d1 = self.offsets.shape
         rows, dev = self.vertices + 1, self.offsets.device
         splat = csr(self.splat_rows, self.splat_points, self.splat_weights.to(dtype), (rows, P))

@@ -6,8 +6,8 @@ For each kernel k with features f_k and weight w_k: norm_k = 1 / sqrt(K_k 1 + 1e
     Q <- softmax(-U + sum_k w_k * norm_k * K_k (norm_k * Q))
 with K_k the permutohedral-lattice Gaussian filter (``permutohedral``). The kernel includes each pixel
 itself, as pydensecrf's does. Device- and dtype-agnostic: the lattice is built in float32 (so it is the
-same lattice as pydensecrf's), the iterations run in the unary's dtype on its device (float32 or float64
-on the CPU). A batch of images shares one lattice build per kernel, each image in its own group, so the
+same lattice as pydensecrf's), the iterations run in the unary's dtype on its device (the lattice's sparse
+products in float32 for 16-bit dtypes). A batch of images shares one lattice build per kernel, each image in its own group, so the
 number of operations (kernel launches on a GPU) and of host reads does not grow with the batch; images
 of different sizes batch together (``dense_crf_images``) as long as they have the same number of labels.
 """
@@ -83,9 +83,7 @@ def crf_points(unary: torch.Tensor, xy: torch.Tensor, colors: torch.Tensor, grou
 
 
 def check_unary(unary: torch.Tensor) -> None:
-    """``ValueError`` for NaN/Inf energies or a dtype the backend cannot filter on the unary's device."""
-    if unary.device.type == "cpu" and unary.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"on the CPU the torch CRF runs in float32 or float64, got {unary.dtype}")
+    """``ValueError`` for NaN/Inf energies."""
     if not torch.isfinite(unary).all():
         raise ValueError("unary energies contain NaN or Inf")
 
