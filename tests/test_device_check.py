@@ -17,11 +17,13 @@ def test_one_device_catches_what_cpu_kernels_let_through():
         assert cpu.to("meta").device.type == "meta"               # copies cross devices
 
 
-def test_strict_device_puts_new_tensors_on_meta(strict_device):
+def test_strict_device_puts_new_tensors_on_meta_and_leaves_nothing_behind(strict_device):
     x = torch.randn(3)
+    modes = torch._C._len_torch_function_stack()
     with strict_device():
         assert torch.zeros(3).device.type == "meta"
         assert torch.zeros(3, device=x.device).device == x.device
         with pytest.raises(MixedDevices):
             x @ torch.ones(3)
     assert torch.zeros(1).device.type == "cpu"
+    assert torch._C._len_torch_function_stack() == modes      # no default-device mode left for later tests
