@@ -18,12 +18,16 @@ _PR_SET_PDEATHSIG = 1
 _armed = False
 
 
-def die_with_parent() -> None:
-    """Make this process exit when its parent does (idempotent; call in each worker)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Make this process exit when its parent does (idempotent; call in each worker). ``parent``: the pid
+    of the process that started this one, taken there; a parent killed before this call then ends this
+    process too (``os.getppid()`` read here would already name its successor)."""
     global _armed
     if _armed:
         return
     _armed = True
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -40,11 +44,12 @@ def _watch(parent: int) -> None:
     os._exit(1)
 
 
-def worker_init() -> None:
-    """Initializer of the CRF worker processes: one OpenCV (and torch) thread each (a worker handles
-    one image; a library's own pool would only oversubscribe the cores) and death with the parent."""
+def worker_init(parent: int | None = None) -> None:
+    """Initializer of the CRF worker processes (``initargs=(os.getpid(),)``): death with the parent, armed
+    first, and one OpenCV (and torch) thread each (a worker handles one image; a library's own pool
+    would only oversubscribe the cores)."""
+    die_with_parent(parent)
     import cv2
 
     cv2.setNumThreads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # read when the torch CRF backend first loads torch in this worker
-    die_with_parent()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -253,11 +254,6 @@ def default_jobs() -> int:
     return max(1, joblib.cpu_count())
 
 
-def _in_worker(fn: Callable, *args):
-    worker_init()  # joblib has no initializer: arm it with the first task (idempotent)
-    return fn(*args)
-
-
 def run_tasks(fn: Callable, tasks: Sequence, args: tuple = (), n_jobs: int | None = None,
               desc: str = "", progress: bool = True) -> Iterator:
     """Yield ``fn(task, *args)`` for each task (in completion order), one task per joblib job, with a
@@ -272,8 +268,10 @@ def run_tasks(fn: Callable, tasks: Sequence, args: tuple = (), n_jobs: int | Non
         else:
             from joblib import Parallel, delayed
 
-            results = Parallel(n_jobs=min(n_jobs, len(tasks)), batch_size=1, return_as="generator_unordered")(
-                delayed(_in_worker)(fn, t, *args) for t in tasks)
+            # loky's workers run the initializer when they start, so one still idle when the stage is
+            # killed dies with it too
+            results = Parallel(n_jobs=min(n_jobs, len(tasks)), batch_size=1, return_as="generator_unordered",
+                               initializer=worker_init, initargs=(os.getpid(),))(delayed(fn)(t, *args) for t in tasks)
         for r in results:
             bar.update(1)
             yield r
@@ -394,7 +392,8 @@ class StreamingLabeller:
         self.device = device_labeller(cfg, dataset.classes.num_classes, self._record, self.n_jobs, batch) if batch else None
         # spawn, not fork: a fork of a process whose torch/OpenMP threads are running can deadlock
         self.pool = None if batch else ProcessPoolExecutor(
-            self.n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init)
+            self.n_jobs, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init,
+            initargs=(os.getpid(),))
 
     def path(self, image_id: str) -> Path:
         return self.out / f"{image_id}.png"
