@@ -115,6 +115,52 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
     write_bytes(path, npz_bytes(arrays))
 
 
+class BackgroundWriter:
+    """Runs write calls in ``threads`` threads while the caller goes on (a device loop that would
+    otherwise wait for every encode, fsync and rename), at most ``window`` of them pending.
+
+    The first failed write stops the writing (a full disk fails every later write alike; writes not yet
+    started are dropped) and is raised by the next ``submit`` or by leaving the ``with`` block.
+    """
+
+    def __init__(self, threads: int = 4, window: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="writer")
+        self._room = threading.Semaphore(window or 8 * max(1, threads))
+        self._lock = threading.Lock()
+        self._failure: BaseException | None = None
+
+    def submit(self, fn, *args) -> None:
+        """Call ``fn(*args)`` in a writer thread; waits while ``window`` calls are pending."""
+        self._raise_failure()
+        self._room.acquire()
+        self._pool.submit(self._run, fn, args)
+
+    def _run(self, fn, args) -> None:
+        try:
+            if self._failure is None:
+                fn(*args)
+        except BaseException as e:
+            with self._lock:
+                self._failure = self._failure or e
+        finally:
+            self._room.release()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Wait for every pending write; raise the first failure unless another exception is on its way."""
+        self._pool.shutdown(wait=True)
+        if exc_type is None:
+            self._raise_failure()
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read every array of an .npz without pickle; raises ``ValueError`` naming the file if corrupt."""
     try:

@@ -50,6 +50,40 @@ def test_output_contract_and_manifest(voc_small, tiny_clip_path, tmp_path):
     assert "code_version" in manifest and not (out / "errors.json").exists()
 
 
+def test_files_are_written_while_the_next_images_compute(voc_small, tiny_clip_path, tmp_path, monkeypatch):
+    """The device loop does not wait for a file's encode, fsync and rename: the first file's write is held
+    until the second image has been computed, and the run still writes every file, identically."""
+    import threading
+
+    from pipeline.cams import stage
+
+    root, split = voc_small
+    run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "plain"))
+    want = read_all(tmp_path / "plain")
+    computed, second = [], threading.Event()
+    compute, save = stage._compute, stage.save_cams
+
+    def counting(*args):
+        for pair in compute(*args):
+            computed.append(threading.current_thread().name)
+            if len(computed) == 2:
+                second.set()
+            yield pair
+
+    def held(path, *args):
+        if not second.wait(timeout=20):
+            raise AssertionError("the second image waited for the first file's write")
+        assert threading.current_thread() is not threading.main_thread()
+        save(path, *args)
+
+    monkeypatch.setattr(stage, "_compute", counting)
+    monkeypatch.setattr(stage, "save_cams", held)
+    s = run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "cams"))
+    assert (s.written, s.failed) == (6, 0) and len(computed) == 6
+    got = read_all(tmp_path / "cams")
+    assert got.keys() == want.keys() and all(np.array_equal(got[i][k], want[i][k]) for i in want for k in want[i])
+
+
 def test_upsample_matches_reference_highres(voc_small, tiny_clip_path, tmp_path):
     root, split = voc_small
     run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "cams"))

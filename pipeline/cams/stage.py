@@ -26,7 +26,8 @@ from ..data.camfile import save_cams
 from ..clip.model import PRECISIONS, checkpoint_file, load_clip, resolve_device
 from ..data.datasets import Dataset, SampleError, build_dataset
 from ..data.image import DEFAULT_MAX_PATCHES, ImageError
-from ..io import check_manifest, check_output_folder, sha256_file, write_errors, write_json, write_manifest
+from ..io import (BackgroundWriter, check_manifest, check_output_folder, sha256_file, write_errors, write_json,
+                  write_manifest)
 from .prompts import best_template
 from . import get_method
 
@@ -204,16 +205,17 @@ def run_cams(cfg: CamsConfig) -> Summary:
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                desc=f"cams {cfg.dataset}/{Path(cfg.split).name}")
-    for batch in _batches(loader, batch_size, summary.errors):
-        for item, result in _compute(engine, batch, device, dtype, summary.errors):
-            if cfg.keep_cams:
-                save_cams(out / f"{item['id']}.npz", item["labels"], result.cams, item["image_size"],
-                          result.init if cfg.save_init else None)
-            if labeller is not None:
-                labeller.submit(item["id"], item["labels"], result.cams)
-            summary.written += 1
-        bar.update(len(batch) or 1)
-        bar.set_postfix(failed=len(summary.errors), refresh=False)
+    with BackgroundWriter() as writer:  # the device goes on while files are written
+        for batch in _batches(loader, batch_size, summary.errors):
+            for item, result in _compute(engine, batch, device, dtype, summary.errors):
+                if cfg.keep_cams:
+                    writer.submit(save_cams, out / f"{item['id']}.npz", item["labels"], result.cams,
+                                  item["image_size"], result.init if cfg.save_init else None)
+                if labeller is not None:
+                    labeller.submit(item["id"], item["labels"], result.cams)
+                summary.written += 1
+            bar.update(len(batch) or 1)
+            bar.set_postfix(failed=len(summary.errors), refresh=False)
     bar.close()
     summary.seconds = time.perf_counter() - start
     summary.failed = len(summary.errors)
