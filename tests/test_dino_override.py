@@ -1,6 +1,7 @@
 """Inference from a WeCLIP+ checkpoint whose DINOv2 file has moved: ``--dino`` (make ``DINO=``) on
 ``stages.predict`` and ``stages.evaluate_model``, compared by content (sha256) with the file the run trained
 with, as ``--clip`` is; refused for a model without a DINOv2; a missing file named with the flag to pass."""
+import os
 import shlex
 import shutil
 import subprocess
@@ -156,3 +157,16 @@ def test_make_passes_dino_as_one_word_and_only_when_given(target):
             assert words[i:i + 2] == want, words
         else:
             assert "--dino" not in words, words
+
+
+def test_make_predict_with_the_moved_dino(runs, tmp_path):
+    """The README's command for a moved DINOv2, run for real."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = tmp_path / "pred dir"
+    proc = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "predict", f"PY={sys.executable}",
+                           f"CKPT={runs['plus']}", f"IMAGES={runs['photos']}", f"DINO={runs['moved']}", f"OUT={out}",
+                           "ARGS=--no-progress --device cpu"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "a.png").is_file()
