@@ -57,12 +57,12 @@ help:
 	@echo "  make cams-pseudo   pseudo labels straight from CAMs   DATASET ROOT SPLIT CLIP [METHOD OUT JOBS PROMPT]"
 	@echo "  make attributes    ExCEL's attribute bank             DATASET CLIP [OUT]"
 	@echo "  make prompts       rank prompt templates by sharpness DATASET ROOT SPLIT CLIP [OUT]"
-	@echo "  make eval          WHAT=cams|pseudo|model             DATASET ROOT SPLIT [CAMS LABELS CKPT OUT JOBS]"
+	@echo "  make eval          WHAT=cams|pseudo|model             DATASET ROOT SPLIT [CAMS LABELS CKPT CLIP DINO OUT JOBS]"
 	@echo "  make viz           panels + index.html, worst first   DATASET ROOT SPLIT [CAMS LABELS OUT JOBS]"
 	@echo "  make train         train MODEL=weclip|deeplab         DATASET ROOT LABELS [SPLIT VAL_SPLIT CLIP INIT CONFIG OUT NPROC]"
 	@echo "                    or MODEL=weclip-online|excel       DATASET ROOT CLIP (labels made online) [SPLIT VAL_SPLIT CONFIG OUT NPROC]"
 	@echo "                    or MODEL=weclip-plus               DATASET ROOT CLIP DINO (labels made online) [SPLIT VAL_SPLIT CONFIG OUT NPROC]"
-	@echo "  make predict       label PNGs + overlays              CKPT and IMAGES, or DATASET ROOT SPLIT [OUT CLIP]"
+	@echo "  make predict       label PNGs + overlays              CKPT and IMAGES, or DATASET ROOT SPLIT [OUT CLIP DINO]"
 	@echo "  make export-mmseg  mmsegmentation dataset + config    DATASET ROOT [SPLIT VAL_SPLIT LABELS OUT]"
 	@echo "  make bench         speed figures, about 10 minutes on 2 cores        [ARGS=--quick: toy sizes]"
 	@echo "  make gpu-check     on a CUDA machine: GPU tests + GPU speed figures (run it first there)"
@@ -118,7 +118,7 @@ eval:
 	$(NEED_ROOT)
 ifeq ($(WHAT),model)
 	$(PY) -m stages.evaluate_model --checkpoint $(call q,$(or $(CKPT),$(RUN))) $(DATA_FLAGS) \
-		$(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
+		$(call opt,--clip,$(CLIP)) $(call opt,--dino,$(DINO)) $(call opt,--out,$(OUT)) $(ARGS)
 else
 	$(PY) -m stages.eval --what $(WHAT) $(DATA_FLAGS) --cams $(call q,$(CAMS_DIR)) --pseudo $(call q,$(PSEUDO_DIR)) \
 		$(call opt,--out,$(OUT)) $(call opt,-j,$(JOBS)) $(ARGS)
@@ -140,7 +140,8 @@ train:
 predict:
 	$(if $(IMAGES),,$(NEED_ROOT))
 	$(PY) -m stages.predict --checkpoint $(call q,$(or $(CKPT),$(RUN))) \
-		$(if $(IMAGES),--images $(call q,$(IMAGES)),$(DATA_FLAGS)) $(call opt,--clip,$(CLIP)) $(call opt,--out,$(OUT)) $(ARGS)
+		$(if $(IMAGES),--images $(call q,$(IMAGES)),$(DATA_FLAGS)) $(call opt,--clip,$(CLIP)) $(call opt,--dino,$(DINO)) \
+		$(call opt,--out,$(OUT)) $(ARGS)
 
 export-mmseg:
 	$(NEED_ROOT)

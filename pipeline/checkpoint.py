@@ -3,8 +3,8 @@
 A checkpoint is a torch file (read with ``weights_only=True``) holding::
 
     format, meta {model (config section), num_classes, class_names, normalize, config,
-    inputs {clip_sha256, pseudo}}, iteration, model (state_dict without frozen parts, e.g. WeCLIP's CLIP
-    encoder), optimizer, scaler, scheduler, rng [per-rank {torch, cuda, numpy, python}]
+    inputs {clip_sha256, dino_sha256, pseudo}}, iteration, model (state_dict without frozen parts, e.g.
+    WeCLIP's CLIP encoder), optimizer, scaler, scheduler, rng [per-rank {torch, cuda, numpy, python}]
 
 A run folder keeps ``checkpoints/iter_XXXXXXX.pt`` and ``checkpoints/latest.json`` pointing to the
 newest; both are written atomically (temp file, then rename), the pointer last. A run killed between
@@ -29,7 +29,8 @@ LATEST = "latest.json"
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint belongs to another model, class list or file format; the message says which."""
+    """A checkpoint belongs to another model, class list or file format, or a backbone file given with it
+    (CLIP, DINOv2) is missing or not the run's; the message says which."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -170,6 +171,38 @@ def check_clip(meta: Mapping[str, Any], clip: str | Path | None, source: str) ->
     if got != want:
         raise CheckpointMismatch(f"{path}: not the CLIP that {source} was trained with (sha256 {got[:16]}..., the "
                                  f"run's {want[:16]}...); pass the run's CLIP file (--clip, CLIP=)")
+
+
+def check_dino(meta: Mapping[str, Any], dino: str | Path | None, source: str) -> Path | None:
+    """The DINOv2 file to build the checkpoint's model with: ``dino`` (``--dino``, e.g. the file moved since
+    training) or the path the run recorded; None for models without a DINOv2 (weclip-plus with
+    ``branches: clip``, and the others), which refuse ``dino`` rather than ignore it. A missing file is
+    named with the flag to pass; a file whose content is not the run's (the sha256 in ``meta['inputs']``)
+    is refused naming both files. Not compared: checkpoints saved before that sha256 was recorded."""
+    model = meta["model"]
+    if model.get("name") != "weclip-plus" or model.get("branches", "both") == "clip":
+        if dino:
+            kind = (f"'{model.get('name')}' model" if model.get("name") != "weclip-plus" else
+                    "'weclip-plus' model with model.branches: clip")
+            raise CheckpointMismatch(f"{source}: a {kind}, which has no DINOv2 to replace; drop --dino {dino} "
+                                     f"(make: unset DINO)")
+        return None
+    recorded = model.get("dino")
+    if not (dino or recorded):
+        return None                                  # the model builder says model.dino is required
+    path = Path(dino or recorded).expanduser()
+    if not path.is_file():
+        where = "given with --dino" if dino else f"where {source} was trained with it"
+        raise CheckpointMismatch(f"{path}: DINOv2 file not found ({where}); pass where the run's DINOv2 file is "
+                                 f"now with --dino PATH (make: DINO=PATH)")
+    want = (meta.get("inputs") or {}).get("dino_sha256")
+    if want:
+        got = sha256_file(path)
+        if got != want:
+            raise CheckpointMismatch(f"{path}: not the DINOv2 that {source} was trained with ({recorded}, sha256 "
+                                     f"{want[:16]}...; this file's {got[:16]}...); pass that file, wherever it is "
+                                     f"now, with --dino PATH (make: DINO=PATH)")
+    return path
 
 
 def write_latest(folder: str | Path, file: str, iteration: int) -> None:

@@ -67,7 +67,8 @@ def main(argv=None) -> int:
                       "infer": infer.as_dict(), "root": str(Path(args.root).resolve()), "split": args.split}
             check_manifest(out, config, args.overwrite, outputs="per_class.*")
             res = evaluate_model(ck, ds, ids, out_dir=out / "predictions" if args.save_predictions else None,
-                                 infer=infer, device=args.device, clip=args.clip, progress=not args.no_progress)
+                                 infer=infer, device=args.device, clip=args.clip, dino=args.dino,
+                                 progress=not args.no_progress)
             rows = M.per_class_rows(res["conf"], ["background", *ds.classes.names])
             summary = {"what": "model", "split": split, "checkpoint": res["checkpoint"], "images": res["evaluated"],
                        "failed": res["failed"], "miou": 100 * res["miou"], "accuracy": 100 * res["accuracy"],

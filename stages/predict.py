@@ -22,6 +22,8 @@ def add_infer_args(p: argparse.ArgumentParser) -> None:
     """Checkpoint and inference flags (shared with stages.evaluate_model)."""
     p.add_argument("--checkpoint", required=True, help="checkpoint file or training run folder (uses its latest)")
     p.add_argument("--clip", default=None, help="CLIP checkpoint path, if not where the weclip run had it")
+    p.add_argument("--dino", default=None, help="DINOv2 backbone file, if not where the weclip-plus run had it "
+                   "(same content; refused for models without a DINOv2)")
     p.add_argument("--preset", default=None, choices=("excel",),
                    help="a named inference protocol over the checkpoint's settings (other flags still apply): "
                         "excel = ExCEL's square 320 x {0.7, 1.0, 1.2, 1.5}, mirrored except at 1.0")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
                Path("outputs") / (args.dataset or "images") / "predict" / ckpt_io.label(ckpt_file) / source)
         with output_lock(out):  # before the model loads: a refused run costs nothing
             device = infer_device(args.device)
-            model, meta = load_model(args.checkpoint, device, args.clip)
+            model, meta = load_model(args.checkpoint, device, args.clip, dino=args.dino)
             if args.images:  # the checkpoint knows its classes; no labels are needed to predict
                 ds = image_folder(args.images, meta["class_names"][1:])
                 ids = ds.ids("all")

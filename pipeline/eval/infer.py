@@ -256,12 +256,14 @@ def checkpoint_infer_config(meta: dict[str, Any], overrides: dict[str, Any] | In
 
 
 def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.device = "cpu",
-               clip: str | Path | None = None, log: Callable[[str], None] = print) -> tuple[nn.Module, dict]:
+               clip: str | Path | None = None, log: Callable[[str], None] = print,
+               dino: str | Path | None = None) -> tuple[nn.Module, dict]:
     """(eval-mode model on ``device``, checkpoint meta) from a checkpoint file or run folder, or a
     checkpoint already read with ``checkpoint.load``.
 
     ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine); a
-    file whose content differs from the run's CLIP is refused (``checkpoint.check_clip``)."""
+    file whose content differs from the run's CLIP is refused (``checkpoint.check_clip``). ``dino`` does the
+    same for WeCLIP+'s DINOv2 file, and is refused for models without one (``checkpoint.check_dino``)."""
     from ..models import build_model
 
     ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
@@ -270,6 +272,9 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
     if clip:
         model_cfg["clip"] = str(clip)
     ckpt_io.check_clip(meta, model_cfg.get("clip"), ck["path"])
+    dino_file = ckpt_io.check_dino(meta, dino, ck["path"])
+    if dino_file is not None:
+        model_cfg["dino"] = str(dino_file)
     model_cfg["pretrained"] = None  # the checkpoint holds the trained weights
     model = build_model(model_cfg, int(meta["num_classes"]), log=lambda *_: None)
     ckpt_io.load_model_state(model, ck["model"], ck["path"])
@@ -334,13 +339,14 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
 
 def evaluate_model(checkpoint: str | Path | Mapping[str, Any], dataset, ids: Sequence[str], *,
                    out_dir: str | Path | None = None, infer: dict[str, Any] | InferConfig | None = None,
-                   device: str | None = None, clip: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                   device: str | None = None, clip: str | Path | None = None, dino: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
     """``make eval WHAT=model``: predict ``ids`` with a trained checkpoint (file, run folder, or one already
     read with ``checkpoint.load``) and score them against the dataset's ground truth with
     ``metrics.confusion_matrix`` / ``mean_iou``.
 
     ``infer``: an ``InferConfig`` or dict of its fields over the config stored in the checkpoint
-    (``checkpoint_infer_config``).
+    (``checkpoint_infer_config``). ``clip``, ``dino``: backbone files moved since training (``load_model``).
     ``out_dir``: also write the predicted label PNGs there. Returns {what: 'model', miou, accuracy, conf,
     evaluated, failed, errors, checkpoint, infer, seconds, images_per_s}; ``conf`` feeds
     ``metrics.per_class_rows`` / ``write_tables`` like the pseudo-label evaluation.
@@ -349,7 +355,7 @@ def evaluate_model(checkpoint: str | Path | Mapping[str, Any], dataset, ids: Seq
 
     dev = infer_device(device)
     ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
-    model, meta = load_model(ck, dev, clip, log=lambda *_: None)
+    model, meta = load_model(ck, dev, clip, log=lambda *_: None, dino=dino)
     if list(meta["class_names"]) != ["background", *dataset.classes.names]:
         raise ckpt_io.CheckpointMismatch(f"{ck['path']}: trained for {meta['num_classes']} classes "
                                          f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has "
