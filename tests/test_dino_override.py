@@ -1,6 +1,7 @@
 """Inference from a WeCLIP+ checkpoint whose DINOv2 file has moved: ``--dino`` (make ``DINO=``) on
 ``stages.predict`` and ``stages.evaluate_model``, compared by content (sha256) with the file the run trained
-with, as ``--clip`` is; refused for a model without a DINOv2; a missing file named with the flag to pass."""
+with, as ``--clip`` is; refused for a model without a DINOv2 (and ``--clip`` for one without a CLIP); a missing
+file named with the flag to pass."""
 import os
 import shlex
 import shutil
@@ -130,6 +131,23 @@ def test_dino_for_a_model_without_one_is_refused(runs, tmp_path, capsys, run, na
     assert not (tmp_path / "pred" / "a.png").exists()
     assert evaluate(runs, run, tmp_path / "eval", "--dino", runs["moved"]) == 2
     assert "has no DINOv2" in one_error_line(capsys)
+
+
+def test_clip_for_a_model_without_one_is_refused(tmp_path, capsys):
+    """As for the DINOv2: a CLIP given for a DeepLab checkpoint means the wrong checkpoint was named."""
+    d = make_data(tmp_path / "data", 2, 1, size=(32, 48), seed=7)
+    run = tmp_path / "deeplab"
+    train(load_config(None, overrides(d, **{"model.name": "deeplabv2", "model.layers": "[1,1,1,1]",
+                                            "model.base_width": 8, "data.crop": 32,
+                                            "train.batch_size": 2, "schedule.iters": 1})), run, **QUIET)
+    clip = save_clip(random_clip(TINY, seed=3), tmp_path / "clip.pt")
+    load_model(run, log=lambda *_: None)
+    with pytest.raises(ckpt_io.CheckpointMismatch, match=r"'deeplabv2' model.*has no CLIP.*drop --clip"):
+        load_model(run, clip=clip, log=lambda *_: None)
+    assert predict_main(["--checkpoint", str(run), "--images", str(d["root"] / "JPEGImages"), "--out",
+                         str(tmp_path / "pred"), "--no-progress", "--device", "cpu", "--clip", str(clip)]) == 2
+    assert "has no CLIP" in one_error_line(capsys)
+    assert not (tmp_path / "pred").exists() or not list((tmp_path / "pred").glob("*.png"))
 
 
 def test_a_checkpoint_without_the_dinos_sha256_loads_any_dino_of_the_right_shape(runs, tmp_path):

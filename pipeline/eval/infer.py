@@ -263,13 +263,16 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
 
     ``clip`` overrides the CLIP checkpoint path stored in a WeCLIP checkpoint (e.g. on another machine); a
     file whose content differs from the run's CLIP is refused (``checkpoint.check_clip``). ``dino`` does the
-    same for WeCLIP+'s DINOv2 file, and is refused for models without one (``checkpoint.check_dino``)."""
+    same for WeCLIP+'s DINOv2 file (``checkpoint.check_dino``); each is refused for a model without one."""
     from ..models import build_model
 
     ck = checkpoint if isinstance(checkpoint, Mapping) else ckpt_io.load(checkpoint)
     meta = ck["meta"]
     model_cfg = dict(meta["model"])
     if clip:
+        if not model_cfg.get("clip"):
+            raise ckpt_io.CheckpointMismatch(f"{ck['path']}: a '{model_cfg.get('name')}' model, which has no CLIP to "
+                                             f"replace; drop --clip {clip} (make: unset CLIP)")
         model_cfg["clip"] = str(clip)
     ckpt_io.check_clip(meta, model_cfg.get("clip"), ck["path"])
     dino_file = ckpt_io.check_dino(meta, dino, ck["path"])
