@@ -234,7 +234,8 @@ def _compute(engine, batch: list[dict], device, dtype, errors: dict[str, str]):
     if not batch:
         return
     try:
-        images = torch.stack([b["image"] for b in batch]).to(device=device, dtype=dtype)
+        # the copy first, then the cast on the device: a blocking copy with a cast casts on the host
+        images = torch.stack([b["image"] for b in batch]).to(device, non_blocking=True).to(dtype)
         yield from zip(batch, engine(images, [b["labels"] for b in batch]))
         return
     except (RuntimeError, ValueError) as e:
