@@ -4,13 +4,16 @@ would make a CUDA device wait for the host (or the host for the device).
 ``count(fn, *args)`` runs ``fn`` once and returns a ``Counts``: ``ops`` (aten operations dispatched, the
 proxy for kernel launches) and ``syncs`` (operations that need a value on the host or produce a
 data-dependent shape: ``.item()``, ``nonzero``, ``equal``, boolean indexing, ``unique``, ... and every
-``.cpu()`` / ``.numpy()`` / ``.tolist()`` of a tensor, which on CUDA is a device-to-host copy).
+``.cpu()`` / ``.numpy()`` / ``.tolist()`` of a tensor, which on CUDA is a device-to-host copy; not
+torch.optim's reads of its step counters, which live on the host on every device).
 Batching B images into one call should leave both nearly unchanged; a per-image loop multiplies them.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import traceback
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +45,16 @@ class Counts:
     sync_ops: collections.Counter = field(default_factory=collections.Counter)
 
 
+# torch.optim keeps its step counters on the host on every device (unless capturable or fused): reading
+# them waits for nothing, so they are not counted as syncs (a training step reads one per parameter).
+HOST_STATE_CALLERS = (f"{os.sep}torch{os.sep}optim{os.sep}",)
+
+
+def _host_state_read(func) -> bool:
+    return func.overloadpacket is aten._local_scalar_dense and any(
+        c in frame.filename for frame in traceback.extract_stack(limit=12) for c in HOST_STATE_CALLERS)
+
+
 class _Mode(TorchDispatchMode):
     def __init__(self, counts: Counts):
         super().__init__()
@@ -51,7 +64,7 @@ class _Mode(TorchDispatchMode):
         name = str(func.overloadpacket)
         self.counts.ops += 1
         self.counts.by_op[name] += 1
-        if _is_sync(func, args):
+        if _is_sync(func, args) and not _host_state_read(func):
             self.counts.syncs += 1
             self.counts.sync_ops[name] += 1
         return func(*args, **(kwargs or {}))

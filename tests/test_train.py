@@ -171,3 +171,42 @@ def test_a_root_of_another_layout_is_refused_before_the_model_loads(tmp_path, mo
     monkeypatch.setattr(pipeline.models, "build_model", lambda *a, **k: pytest.fail("model built"))
     with pytest.raises(ValueError, match=f"has no .*{missing}"):
         train(cfg, tmp_path / "run")
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_iteration_before_any_later_checkpoint(data, tmp_path,
+                                                                                          monkeypatch):
+    """Losses stay on the device between log steps; a NaN is still caught, named by its own iteration, and
+    no checkpoint of the weights it spoiled is written."""
+    from pipeline.train import step as step_module
+
+    calls, loss = [], step_module.model_loss
+
+    def nan_at_the_third(*args, **kwargs):
+        calls.append(1)
+        value = loss(*args, **kwargs)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(step_module, "model_loss", nan_at_the_third)
+    cfg = tiny_weclip_cfg(data, **{"train.accum": 1, "schedule.iters": 8, "train.log_every": 4,
+                                   "train.ckpt_every": 2})
+    with pytest.raises(FloatingPointError, match="loss became nan at iteration 3;"):
+        train(cfg, tmp_path, progress=False, tensorboard=False, clip_model=random_clip(TINY, seed=3),
+              log=lambda *_: None)
+    assert ckpt_io.load(tmp_path)["iteration"] == 2
+
+
+def test_no_host_read_between_log_steps(data, tmp_path):
+    """On a GPU a host read at every step makes the host wait for the device before it can queue the next
+    step: the number of reads does not grow with the iterations between two log steps."""
+    from dispatch_count import count
+
+    clip = random_clip(TINY, seed=3)
+
+    def run(iters, folder):
+        cfg = tiny_weclip_cfg(data, **{"schedule.iters": iters, "train.log_every": 100, "train.ckpt_every": 100,
+                                       "schedule.warmup_iters": 0})
+        return count(train, cfg, tmp_path / folder, progress=False, tensorboard=False, clip_model=clip,
+                     log=lambda *_: None)[0]
+
+    two, six = run(2, "two"), run(6, "six")
+    assert six.syncs == two.syncs, (two.sync_ops, six.sync_ops)

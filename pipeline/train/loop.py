@@ -16,7 +16,6 @@ devices), ``inputs`` (data, checks, the batch stream), ``step`` with ``step_offl
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -31,7 +30,7 @@ from .device import amp_dtype, peak_memory_mb, seed_all
 from .inputs import check_inputs, fingerprints, open_inputs, training_batches
 from .optim import build_optimizer, set_lr
 from .runlog import RunLog
-from .step import StepSettings, train_step
+from .step import StepSettings, read_losses, train_step
 from .validation import validate_run
 
 
@@ -85,23 +84,27 @@ def train(cfg: Mapping, out_dir: str | Path, *, resume: bool = False, stop_at: i
     runlog = RunLog(out, start, tensorboard, say) if proc.rank == 0 else None
     bar = tqdm(total=iters, initial=start, disable=not progress or proc.rank != 0, dynamic_ncols=True, desc="train")
     last_loss, val_miou, ck_path, t0 = float("nan"), None, None, time.perf_counter()
+    pending: list = []  # losses still on the device, read (and checked) at log, validation and checkpoint steps
     model.train()
     try:
         for it in range(start, end):
             set_lr(optimizer, it, s_cfg)
-            losses = train_step(model, optimizer, scaler, batches, step, it, settings, proc)
-            if not math.isfinite(losses[0]):
-                raise FloatingPointError(f"loss became {losses[0]} at iteration {it + 1}; lower optim.lr or use amp=bf16")
-            last_loss, done, lr = losses[0], it + 1, optimizer.param_groups[0]["lr"]
+            pending.append((it + 1, train_step(model, optimizer, scaler, batches, step, it, settings, proc)))
+            done, lr = it + 1, optimizer.param_groups[0]["lr"]
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             do_val = bool(val_samples) and t_cfg["val_every"] and (done % int(t_cfg["val_every"]) == 0 or done == iters)
+            do_log = done % int(t_cfg["log_every"]) == 0 or do_val or done == end
+            do_ckpt = done % int(t_cfg["ckpt_every"]) == 0 or done == end
+            if do_log or do_ckpt:  # every process reads at the same steps: a non-finite loss stops them all
+                losses = read_losses(pending)
+                last_loss = losses[0]
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}")
             if do_val:
                 val_miou = validate_run(model, val_samples, cfg, proc, len(class_names), done, say)
-            if runlog and (done % int(t_cfg["log_every"]) == 0 or do_val or done == end):
+            if runlog and do_log:
                 runlog.record(done, losses, lr, val_miou if do_val else None, peak_memory_mb(proc.device),
                               settings.aff_weight != 0)
-            if done % int(t_cfg["ckpt_every"]) == 0 or done == end:
+            if do_ckpt:
                 ck_path = state.save(model, optimizer, scaler, meta, done, s_cfg, ckdir, int(t_cfg["keep_checkpoints"]),
                                      proc)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol
 
@@ -61,12 +62,13 @@ class StepSettings:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batches: Iterator, step: LabelStep, iteration: int, s: StepSettings,
-               proc: Process) -> tuple[float, float, float]:
-    """One optimiser step over ``s.accum`` batches -> (loss, segmentation loss, affinity loss) of the
-    global batch; the losses' means count the pixels and pairs of every process."""
+               proc: Process) -> torch.Tensor:
+    """One optimiser step over ``s.accum`` batches -> float64 (3,) on the device: loss, segmentation loss,
+    affinity loss of the global batch; the losses' means count the pixels and pairs of every process. Left
+    on the device: reading it here would make the host wait for the device at every step (``read_losses``)."""
     device, world = proc.device, proc.world
     pool = Pool(world, all_sum) if world > 1 else ONE   # losses pooled over all processes' batches
-    loss_sum = seg_sum = aff_sum = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     for k in range(s.accum):
         images, targets, *keys = next(batches)
         images = images.to(device, non_blocking=True)
@@ -81,13 +83,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
             extra = step.extra_loss(out, pool)
             loss = (loss if extra is None else loss + extra) / s.accum
             scaler.scale(loss).backward()
-        loss_sum += float(loss.detach())
-        seg_sum += float(loss_seg.detach()) / s.accum
-        aff_sum += float(loss_aff.detach()) / s.accum
+        sums += torch.stack([loss.detach().double(), loss_seg.detach().double() / s.accum,
+                             loss_aff.detach().double() / s.accum])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     if world > 1:   # the processes' mean of their pooled losses is the global batch's loss
-        sums = all_sum(torch.tensor([loss_sum, seg_sum, aff_sum], dtype=torch.float64, device=device))
-        loss_sum, seg_sum, aff_sum = (sums / world).tolist()
-    return loss_sum, seg_sum, aff_sum
+        sums = all_sum(sums) / world
+    return sums
+
+
+def read_losses(pending: list[tuple[int, torch.Tensor]]) -> tuple[float, float, float]:
+    """The losses ``train_step`` left on the device, [(iteration, (3,))], read in one transfer and cleared
+    -> the last iteration's (loss, segmentation loss, affinity loss); ``FloatingPointError`` naming the
+    first iteration whose loss is not finite."""
+    values = torch.stack([losses for _, losses in pending]).tolist()
+    iterations = [it for it, _ in pending]
+    pending.clear()
+    for it, (loss, _, _) in zip(iterations, values):
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at iteration {it}; lower optim.lr or use amp=bf16")
+    return tuple(values[-1])
