@@ -3,6 +3,7 @@ list, and noisy pseudo labels (shifted boundaries, swapped classes, 255 holes) w
 learning proofs' injected CAMs and their scoring; a guard against reading label maps; a pointwise model."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -67,6 +68,14 @@ def make_data(root: Path, n_train: int, n_val: int, size=(128, 160), seed: int =
     return {"root": root, "classes": cls_yaml, "train": synthetic.split_file(root, "train"),
             "val": synthetic.split_file(root, "val") if n_val else None, "pseudo": root / "pseudo",
             "train_ids": tr, "val_ids": va, "noisy_miou": metrics.mean_iou(conf)}
+
+
+def without_masks(d: dict, dest: Path) -> dict:
+    """``make_data``'s folder copied to ``dest`` without its ground-truth masks -> ``d`` pointing at the copy
+    (root and train split; the other paths still the original's)."""
+    shutil.copytree(d["root"], dest)
+    shutil.rmtree(dest / "SegmentationClass")
+    return {**d, "root": dest, "train": dest / "ImageSets" / "Segmentation" / "train.txt"}
 
 
 def overrides(d: dict, **extra) -> list[str]:

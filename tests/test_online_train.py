@@ -1,8 +1,6 @@
 """Online WeCLIP training end to end on synthetic scenes with a tiny random CLIP: image-level labels
 only (no mask is opened), exact resume across the RFM phase switch, the affinity loss as an option
 of the offline mode, and proof that online labels and the decoder learn (injected CAMs)."""
-import shutil
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -17,7 +15,7 @@ from pipeline.train.config import load_config
 from pipeline.train.inputs import aug_config
 from pipeline.train.loop import train
 from seg_helpers import (InjectedCAMs, ScoredLabels, assert_same_weights, forbid_label_maps, log_rows, make_data,
-                          overrides, torchrun_train)
+                          overrides, torchrun_train, without_masks)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,11 +35,8 @@ def tiny_cfg(d, **extra):
 
 
 def test_trains_from_image_level_labels_without_opening_a_mask(data, tmp_path, monkeypatch):
-    root = tmp_path / "nomasks"
-    shutil.copytree(data["root"], root)
-    shutil.rmtree(root / "SegmentationClass")
+    d = {**without_masks(data, tmp_path / "nomasks"), "pseudo": None}
     opened = forbid_label_maps(monkeypatch)
-    d = {**data, "root": root, "pseudo": None, "train": root / "ImageSets" / "Segmentation" / "train.txt"}
     res = train(tiny_cfg(d, **{"schedule.iters": 2}), tmp_path / "run", progress=False, tensorboard=False,
                 clip_model=random_clip(TINY, seed=3), log=lambda *_: None)
     assert res["iteration"] == 2 and np.isfinite(res["loss"])

@@ -19,7 +19,7 @@ from pipeline.train.inputs import aug_config
 from pipeline.train.loop import train
 from pipeline.train.online import build_label_maker
 from seg_helpers import (InjectedCAMs, ScoredLabels, assert_same_weights, forbid_label_maps, log_rows, make_data,
-                         overrides, torchrun_train)
+                         overrides, torchrun_train, without_masks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,11 +65,8 @@ def test_configs_are_the_reference_settings():
 
 
 def test_trains_from_image_level_labels_without_opening_a_mask(data, tmp_path, monkeypatch):
-    root = tmp_path / "nomasks"
-    shutil.copytree(data["root"], root)
-    shutil.rmtree(root / "SegmentationClass")
+    d = {**without_masks(data, tmp_path / "nomasks"), "val": None}
     opened = forbid_label_maps(monkeypatch)
-    d = {**data, "root": root, "val": None, "train": root / "ImageSets" / "Segmentation" / "train.txt"}
     res = train(tiny_cfg(d, **{"schedule.iters": 2}), tmp_path / "run", **KW)
     assert res["iteration"] == 2 and np.isfinite(res["loss"])
     assert not [p for p in opened if p.endswith(".png")] and any(p.endswith(".jpg") for p in opened)
