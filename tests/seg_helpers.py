@@ -1,7 +1,9 @@
 """Synthetic segmentation data for the training/inference tests: scenes with ground truth, a small class
-list, and noisy pseudo labels (shifted boundaries, swapped classes, 255 holes) written as label PNGs."""
+list, and noisy pseudo labels (shifted boundaries, swapped classes, 255 holes) written as label PNGs; the
+learning proofs' injected CAMs and their scoring; a guard against reading label maps; a pointwise model."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -16,6 +18,7 @@ from pipeline.classes import IGNORE_INDEX, ClassList
 from pipeline.data.datasets import build_dataset, read_mask
 from pipeline.data.labelio import write_label
 from pipeline.data.segdata import augment
+from pipeline.train.online import InitialCAMs, pad_maps
 
 NAMES = ["aeroplane", "bicycle", "bird", "boat"]
 
@@ -67,6 +70,14 @@ def make_data(root: Path, n_train: int, n_val: int, size=(128, 160), seed: int =
             "train_ids": tr, "val_ids": va, "noisy_miou": metrics.mean_iou(conf)}
 
 
+def without_masks(d: dict, dest: Path) -> dict:
+    """``make_data``'s folder copied to ``dest`` without its ground-truth masks -> ``d`` pointing at the copy
+    (root and train split; the other paths still the original's)."""
+    shutil.copytree(d["root"], dest)
+    shutil.rmtree(dest / "SegmentationClass")
+    return {**d, "root": dest, "train": dest / "ImageSets" / "Segmentation" / "train.txt"}
+
+
 def overrides(d: dict, **extra) -> list[str]:
     """Config overrides pointing a training run at ``make_data``'s folder (CPU, no workers)."""
     items = {"data.root": d["root"], "data.classes": d["classes"], "data.pseudo": d["pseudo"],
@@ -104,6 +115,94 @@ def injected_attention(gt: np.ndarray, rng: np.random.Generator) -> torch.Tensor
     y = np.concatenate([[254], y])
     logits = 4 * (y[:, None] == y[None]).astype(np.float32) + rng.normal(0, 0.5, (len(y), len(y))).astype(np.float32)
     return torch.from_numpy(logits).softmax(dim=-1)
+
+
+class InjectedCAMs:
+    """A CAM source for the learning proofs: each crop's CAMs made from its ground truth the way real ones
+    go wrong (``injected_crop_cams``, co-occurring classes traded with probability ``swap``), with attention
+    maps that favour same-region patches (``injected_attention``) put where the encoder pass left its own,
+    at ``attention_blocks`` and as the last block's: a random CLIP's CAMs and attention carry neither
+    signal. ``real``: a CAM source run first all the same (ExCEL's: its pass, static or dynamic, is the one
+    the model trains on), its CAMs dropped. Keeps each batch's ground truth (B, H, W) in ``gt``."""
+
+    def __init__(self, dataset, ids, aug, seed, attention_blocks, swap: float = 0.0, real=None):
+        self.ds, self.ids, self.aug, self.seed, self.blocks = dataset, ids, aug, seed, attention_blocks
+        self.swap, self.real = swap, real
+        self.gt: list[np.ndarray] = []
+
+    def __call__(self, batch, inter, grid) -> InitialCAMs:
+        if self.real is not None:
+            self.real(batch, inter, grid)
+        crops = injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch, self.swap)
+        self.gt.append(np.stack([gt for _, gt, _ in crops]))
+        attn = {k: torch.stack([injected_attention(gt, rng) for _, gt, rng in crops]) for k in (*self.blocks, "last")}
+        for k in self.blocks:
+            inter.attentions[k] = attn[k]
+        out = pad_maps([cams for cams, _, _ in crops], batch.labels)
+        out.attention_last = attn["last"]
+        return out
+
+
+def cam_labels(initial: InitialCAMs, size) -> torch.Tensor:
+    """The injected CAMs' own labels (B, H, W) at the crop size ``size``: background 1 - max, argmax (no
+    refinement, no PAR)."""
+    cams = torch.nn.functional.interpolate(initial.cams, size=size, mode="bilinear", align_corners=False)
+    cams = cams.masked_fill(~initial.valid[:, :, None, None], -1)
+    scores = torch.cat([1 - cams.amax(dim=1, keepdim=True), cams], dim=1)
+    ids = torch.cat([torch.zeros_like(initial.classes[:, :1]), initial.classes + 1], dim=1)
+    idx = scores.argmax(dim=1)
+    return ids.gather(1, idx.flatten(1)).view_as(idx)
+
+
+class ScoredLabels:
+    """A label maker that scores the one it wraps against the crops' ground truth (``inject.gt``): confusion
+    matrices of the injected CAMs' own labels (``cam_labels``), of the labels, and of the labels of the
+    iterations before ``early``, in ``conf['cams' | 'labels' | 'first']``. Everything else (attention
+    blocks, WeCLIP+'s extra losses) is the wrapped maker's."""
+
+    def __init__(self, maker, inject: InjectedCAMs, num_classes: int, early: int):
+        self.maker, self.inject, self.early, self.n = maker, inject, early, num_classes + 1
+        self.conf = {k: np.zeros((self.n, self.n), np.int64) for k in ("cams", "labels", "first")}
+
+    def __getattr__(self, name):
+        return getattr(self.maker, name)
+
+    def __call__(self, batch, outputs, iteration):
+        made = self.maker(batch, outputs, iteration)
+        lab, cam = made.labels.cpu().numpy(), cam_labels(made.initial, batch.images.shape[-2:]).cpu().numpy()
+        for b, gt in enumerate(self.inject.gt[-1]):
+            self.conf["cams"] += metrics.confusion_matrix(cam[b], gt, self.n, IGNORE_INDEX)
+            self.conf["labels"] += metrics.confusion_matrix(lab[b], gt, self.n, IGNORE_INDEX)
+            if iteration < self.early:
+                self.conf["first"] += metrics.confusion_matrix(lab[b], gt, self.n, IGNORE_INDEX)
+        return made
+
+
+def forbid_label_maps(monkeypatch) -> list[str]:
+    """Fails the test at any read of a label map (``labelio.read_label`` wherever it is imported) -> the
+    list of every file PIL opens from now on."""
+    def no_masks(path, *a, **k):
+        raise AssertionError(f"training read a label map: {path}")
+
+    for where in ("pipeline.data.labelio.read_label", "pipeline.data.datasets.read_label",
+                  "pipeline.data.segdata.read_label"):
+        monkeypatch.setattr(where, no_masks)
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    return opened
+
+
+class Pointwise(torch.nn.Module):
+    """Logits = (first channel, minus it): a pointwise model, plus the input sizes it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return torch.cat([x[:, :1], -x[:, :1]], 1)
 
 
 def torchrun_train(config: str, out: Path, sets: list[str], *args: str, timeout: int = 300) -> str:

@@ -8,7 +8,6 @@ import argparse
 import math
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,14 +21,14 @@ from pipeline.eval.infer import InferConfig, infer_preset, msc_logits
 from pipeline.train.losses import affinity_labels, affinity_loss
 from pipeline.models import ExcelSeg, build_model, trainable_parameters
 from pipeline.models.excel import dynamic_relation, feature_affinity
-from pipeline.train.online import InitialCAMs, OnlineBatch, build_label_maker, pad_maps
+from pipeline.train.online import OnlineBatch, build_label_maker
 from pipeline.train.online.excel import ExcelLabelConfig
 from pipeline.clip.random import TINY, VIT_B_16, random_clip
 from pipeline.train.config import ConfigError, load_config
 from pipeline.train.inputs import aug_config
 from pipeline.train.loop import train
 from pipeline.train.optim import build_optimizer
-from seg_helpers import injected_attention, injected_crop_cams, log_rows, make_data, overrides
+from seg_helpers import InjectedCAMs, Pointwise, forbid_label_maps, log_rows, make_data, overrides
 from stages.predict import add_infer_args, infer_overrides
 
 # two heads per block, six blocks: one plain, five calibrated
@@ -177,22 +176,10 @@ def test_phase_switches_of_both_configs():
 
 
 # ------------------------------------------------------------------------------------- inference
-class Recorder(torch.nn.Module):
-    """Logits = a fixed linear map of the input's first channel, plus the input sizes it saw."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def forward(self, x):
-        self.sizes.append(tuple(x.shape[-2:]))
-        return torch.cat([x[:, :1], -x[:, :1]], 1)
-
-
 def test_square_preset_sizes_flips_and_average():
     cfg = InferConfig.from_dict({**infer_preset("excel"), "normalize": "imagenet"})
     x = torch.randn(1, 3, 50, 90)
-    model = Recorder()
+    model = Pointwise()
     out = msc_logits(model, x, cfg)
     # mirror at 224, 384, 480, none at 320: 7 forwards, all squares
     assert sorted(model.sizes) == sorted([(224, 224)] * 2 + [(320, 320)] + [(384, 384)] * 2 + [(480, 480)] * 2)
@@ -275,14 +262,7 @@ def scenes(tmp_path_factory):
 
 
 def test_online_training_reads_no_mask_and_resumes_exactly_across_both_switches(scenes, tmp_path, monkeypatch):
-    def no_masks(path, *a, **k):
-        raise AssertionError(f"training read a label map: {path}")
-
-    for where in ("pipeline.data.labelio.read_label", "pipeline.data.datasets.read_label", "pipeline.data.segdata.read_label"):
-        monkeypatch.setattr(where, no_masks)
-    opened = []
-    real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
+    opened = forbid_label_maps(monkeypatch)
     sets = {"data.crop": 48, "data.scale_range": "[0.8,1.2]", "train.batch_size": 2, "schedule.iters": 3,
             "schedule.warmup_iters": 1, "train.log_every": 1, "online.switch_iter": 1,
             "online.segmentation_targets_from": 2, "online.tse": False, "model.width": 64, "model.heads": 2,
@@ -304,31 +284,6 @@ def test_online_training_reads_no_mask_and_resumes_exactly_across_both_switches(
 
 
 # ----------------------------------------------------------------------------------- learning proof
-class InjectedCAMs:
-    """CAMs made the way real ones go wrong (``synthetic.noisy_cam``: shifted, blurred, spurious blobs,
-    noise, at patch resolution; two co-occurring classes traded in half the crops that show two or
-    more, ``synthetic.swap_cooccurring``) from each crop's ground truth, served through the ExCEL CAM
-    source's interface in both phases, with attention maps that favour same-region patches
-    (``injected_attention``) put where the calibrated pass left its own: a random CLIP's CAMs and
-    attention carry no signal. The real source still runs (its pass, static or dynamic, is the one
-    the model trains on). Keeps the crops' ground truth for scoring."""
-
-    def __init__(self, real, dataset, ids, aug, seed, attention_blocks):
-        self.real, self.ds, self.ids, self.aug, self.seed = real, dataset, ids, aug, seed
-        self.blocks = attention_blocks
-        self.gt = []
-
-    def __call__(self, batch, encoded, grid):
-        self.real(batch, encoded, grid)
-        crops = injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch, swap=0.5)
-        self.gt.append(np.stack([gt for _, gt, _ in crops]))
-        attn = {k: torch.stack([injected_attention(gt, rng) for _, gt, rng in crops]) for k in (*self.blocks, "last")}
-        for k in self.blocks:
-            encoded.attentions[k] = attn[k]
-        out = pad_maps([cams for cams, _, _ in crops], batch.labels)
-        return InitialCAMs(out.cams, out.valid, out.classes, attn["last"])
-
-
 # Measured when written (120 iterations of batch 4, crop 96, one thread, 75-95 s each on a shared
 # machine), scene seeds 1 / 2 / 3: the first 10 iterations' labels 0.483 / 0.548 / 0.456 mIoU, the
 # decoder on held-out scenes 0.754 / 0.648 / 0.577; diversity loss (means of the first and last 10
@@ -356,7 +311,8 @@ def test_excel_learns_from_injected_static_cams_through_both_phases(tmp_path_fac
     clip = random_clip(TINY, seed=3)
     ds = build_dataset("voc", data["root"], data["classes"])
     base = build_label_maker(cfg["online"], clip, ds.classes, model_cfg=cfg["model"], dataset="voc")
-    inject = InjectedCAMs(base.cams, ds, ds.ids(str(data["train"])), aug_config(cfg["data"]), 1, base.attention_blocks)
+    inject = InjectedCAMs(ds, ds.ids(str(data["train"])), aug_config(cfg["data"]), 1, base.attention_blocks, swap=0.5,
+                          real=base.cams)
     maker = build_label_maker(cfg["online"], clip, ds.classes, inject, cfg["model"], "voc")
     n = ds.classes.num_classes + 1
     first = np.zeros((n, n), np.int64)

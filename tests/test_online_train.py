@@ -1,25 +1,21 @@
 """Online WeCLIP training end to end on synthetic scenes with a tiny random CLIP: image-level labels
 only (no mask is opened), exact resume across the RFM phase switch, the affinity loss as an option
 of the offline mode, and proof that online labels and the decoder learn (injected CAMs)."""
-import shutil
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.data import labelio
 from pipeline.eval import metrics
-from pipeline.classes import IGNORE_INDEX
 from pipeline.data.datasets import build_dataset
-from pipeline.train.online import InitialCAMs, build_label_maker, pad_maps
+from pipeline.train.online import build_label_maker
 from pipeline.clip.random import TINY, random_clip
 from pipeline.train.config import load_config
 from pipeline.train.inputs import aug_config
 from pipeline.train.loop import train
-from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, log_rows, make_data,
-                          overrides, torchrun_train)
+from seg_helpers import (InjectedCAMs, ScoredLabels, assert_same_weights, forbid_label_maps, log_rows, make_data,
+                          overrides, torchrun_train, without_masks)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,20 +35,8 @@ def tiny_cfg(d, **extra):
 
 
 def test_trains_from_image_level_labels_without_opening_a_mask(data, tmp_path, monkeypatch):
-    root = tmp_path / "nomasks"
-    shutil.copytree(data["root"], root)
-    shutil.rmtree(root / "SegmentationClass")
-    opened = []
-    real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
-
-    def no_masks(path, *a, **k):
-        raise AssertionError(f"training read a label map: {path}")
-
-    monkeypatch.setattr(labelio, "read_label", no_masks)
-    monkeypatch.setattr("pipeline.data.datasets.read_label", no_masks)
-    monkeypatch.setattr("pipeline.data.segdata.read_label", no_masks)
-    d = {**data, "root": root, "pseudo": None, "train": root / "ImageSets" / "Segmentation" / "train.txt"}
+    d = {**without_masks(data, tmp_path / "nomasks"), "pseudo": None}
+    opened = forbid_label_maps(monkeypatch)
     res = train(tiny_cfg(d, **{"schedule.iters": 2}), tmp_path / "run", progress=False, tensorboard=False,
                 clip_model=random_clip(TINY, seed=3), log=lambda *_: None)
     assert res["iteration"] == 2 and np.isfinite(res["loss"])
@@ -106,43 +90,6 @@ def test_online_mode_refuses_datasets_whose_labels_live_in_masks(data, tmp_path)
 
 
 # ----------------------------------------------------------------------------- proof of learning
-class InjectedCAMs:
-    """CAMs made the way real ones go wrong (``synthetic.noisy_cam``: shifted, blurred, spurious blobs,
-    noise, at patch resolution; two co-occurring classes traded with probability ``swap``) from each
-    crop's ground truth, served through the GradCAM source's interface, with attention maps that carry
-    signal (``injected_attention``) put where the frozen pass left its own (random weights give
-    neither). Records the crops' ground truth."""
-
-    def __init__(self, dataset, ids, aug, seed, attention_blocks, swap=0.0):
-        self.ds, self.ids, self.aug, self.seed, self.blocks = dataset, ids, aug, seed, attention_blocks
-        self.swap = swap
-        self.gt = []
-
-    def __call__(self, batch, inter, grid):
-        maps, gts, attn = [], [], {i: [] for i in (*self.blocks, "last")}
-        for cams, gt, rng in injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch, self.swap):
-            maps.append(cams)
-            for k in attn:
-                attn[k].append(injected_attention(gt, rng))
-            gts.append(gt)
-        self.gt.append(np.stack(gts))
-        for k in self.blocks:
-            inter.attentions[k] = torch.stack(attn[k])
-        out = pad_maps(maps, batch.labels)
-        out.attention_last = torch.stack(attn["last"])
-        return out
-
-
-def cam_labels(initial: InitialCAMs, size) -> torch.Tensor:
-    """The injected CAMs' own labels: background 1 - max, argmax, at the crop size (no RFM, no PAR)."""
-    cams = torch.nn.functional.interpolate(initial.cams, size=size, mode="bilinear", align_corners=False)
-    cams = cams.masked_fill(~initial.valid[:, :, None, None], -1)
-    scores = torch.cat([1 - cams.amax(dim=1, keepdim=True), cams], dim=1)
-    ids = torch.cat([torch.zeros_like(initial.classes[:, :1]), initial.classes + 1], dim=1)
-    idx = scores.argmax(dim=1)
-    return ids.gather(1, idx.flatten(1)).view_as(idx)
-
-
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("online_learn"), 32, 8, size=(160, 192), seed=1)
@@ -178,28 +125,11 @@ def test_full_rfm_labels_beat_the_injected_cams_and_the_decoder_beats_its_first_
     # the crops' ground truth is re-drawn with the training's own augmentation seed
     inject = InjectedCAMs(ds, ds.ids(str(scenes["train"])), aug_config(cfg["data"]), cfg["train"]["seed"], blocks,
                           swap=0.5)
-    maker = build_label_maker(cfg["online"], clip, ds.classes, cams=inject)
-    n = ds.classes.num_classes + 1
-    conf = {k: np.zeros((n, n), np.int64) for k in ("cams", "labels", "first")}
-
-    class Recording:
-        attention_blocks = maker.attention_blocks
-
-        def __call__(self, batch, outputs, iteration):
-            got = maker(batch, outputs, iteration)
-            gt = inject.gt[-1]
-            lab = got.labels.cpu().numpy()
-            cam = cam_labels(got.initial, batch.images.shape[-2:]).cpu().numpy()
-            for b in range(len(gt)):
-                conf["cams"] += metrics.confusion_matrix(cam[b], gt[b], n, IGNORE_INDEX)
-                conf["labels"] += metrics.confusion_matrix(lab[b], gt[b], n, IGNORE_INDEX)
-                if iteration < early:
-                    conf["first"] += metrics.confusion_matrix(lab[b], gt[b], n, IGNORE_INDEX)
-            return got
-
-    res = train(cfg, tmp_path / "run", progress=False, tensorboard=False, clip_model=clip, label_maker=Recording(),
+    scored = ScoredLabels(build_label_maker(cfg["online"], clip, ds.classes, cams=inject), inject,
+                          ds.classes.num_classes, early)
+    res = train(cfg, tmp_path / "run", progress=False, tensorboard=False, clip_model=clip, label_maker=scored,
                 log=lambda *_: None)
-    cams, labels, first = (metrics.mean_iou(conf[k]) for k in ("cams", "labels", "first"))
+    cams, labels, first = (metrics.mean_iou(scored.conf[k]) for k in ("cams", "labels", "first"))
     print(f"injected CAMs {cams:.3f}, online labels {labels:.3f}, first {early} its' labels {first:.3f}, "
           f"decoder val {res['val_miou']:.3f}")
     assert labels > cams + MARGIN_LABELS, (labels, cams)

@@ -20,6 +20,7 @@ from pipeline.data.segdata import AugConfig, augment, rescale
 from pipeline.eval.infer import InferConfig, msc_logits
 from pipeline.labels.par import par
 from pipeline.models import DeepLab, build_model
+from seg_helpers import Pointwise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,18 +51,6 @@ def test_cam_upsampling_is_opencv_bilinear_in_float16():
     assert out.dtype == np.float16 and out.shape == (2, 7, 9)
     want = np.stack([cv2.resize(c, (9, 7), interpolation=cv2.INTER_LINEAR) for c in cams]).astype(np.float16)
     np.testing.assert_array_equal(out, want)
-
-
-class Pointwise(torch.nn.Module):
-    """Logits = (first channel, minus it): a pointwise model, plus the input sizes it saw."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def forward(self, x):
-        self.sizes.append(tuple(x.shape[-2:]))
-        return torch.cat([x[:, :1], -x[:, :1]], 1)
 
 
 def test_long_side_and_scale_sizes_truncate():

@@ -10,18 +10,16 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt_io
-from pipeline.classes import IGNORE_INDEX
 from pipeline.clip.random import TINY, random_clip, save_clip
-from pipeline.data import labelio
 from pipeline.data.datasets import build_dataset
 from pipeline.dino.random import TINY as TINY_DINO, random_dino, save_dino
 from pipeline.eval import metrics
 from pipeline.train.config import load_config
 from pipeline.train.inputs import aug_config
 from pipeline.train.loop import train
-from pipeline.train.online import build_label_maker, pad_maps
-from seg_helpers import (assert_same_weights, injected_attention, injected_crop_cams, log_rows, make_data, overrides,
-                         torchrun_train)
+from pipeline.train.online import build_label_maker
+from seg_helpers import (InjectedCAMs, ScoredLabels, assert_same_weights, forbid_label_maps, log_rows, make_data,
+                         overrides, torchrun_train, without_masks)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,20 +65,8 @@ def test_configs_are_the_reference_settings():
 
 
 def test_trains_from_image_level_labels_without_opening_a_mask(data, tmp_path, monkeypatch):
-    root = tmp_path / "nomasks"
-    shutil.copytree(data["root"], root)
-    shutil.rmtree(root / "SegmentationClass")
-    opened = []
-    real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: (opened.append(str(fp)), real_open(fp, *a, **k))[1])
-
-    def no_masks(path, *a, **k):
-        raise AssertionError(f"training read a label map: {path}")
-
-    monkeypatch.setattr(labelio, "read_label", no_masks)
-    monkeypatch.setattr("pipeline.data.datasets.read_label", no_masks)
-    monkeypatch.setattr("pipeline.data.segdata.read_label", no_masks)
-    d = {**data, "root": root, "val": None, "train": root / "ImageSets" / "Segmentation" / "train.txt"}
+    d = {**without_masks(data, tmp_path / "nomasks"), "val": None}
+    opened = forbid_label_maps(monkeypatch)
     res = train(tiny_cfg(d, **{"schedule.iters": 2}), tmp_path / "run", **KW)
     assert res["iteration"] == 2 and np.isfinite(res["loss"])
     assert not [p for p in opened if p.endswith(".png")] and any(p.endswith(".jpg") for p in opened)
@@ -124,41 +110,6 @@ def test_ablations_are_config_values_that_change_the_training(data, tmp_path):
 
 
 # ----------------------------------------------------------------------------- proof of learning
-class InjectedCAMs:
-    """CAMs made the way real ones go wrong (shifted, blurred, spurious blobs, noise; two co-occurring classes
-    traded with probability ``swap``) from each crop's ground truth, and attention maps that favour
-    same-region patches put where the frozen pass keeps its own, through the CAM source's interface
-    (random weights give neither). Records each batch's ground truth."""
-
-    def __init__(self, dataset, ids, aug, seed, attention_blocks, swap):
-        self.ds, self.ids, self.aug, self.seed, self.blocks, self.swap = dataset, ids, aug, seed, attention_blocks, swap
-        self.gt = []
-
-    def __call__(self, batch, inter, grid):
-        maps, gts, attn = [], [], {k: [] for k in (*self.blocks, "last")}
-        for cams, gt, rng in injected_crop_cams(self.ds, self.ids, self.aug, self.seed, batch, self.swap):
-            maps.append(cams)
-            gts.append(gt)
-            for k in attn:
-                attn[k].append(injected_attention(gt, rng))
-        self.gt.append(np.stack(gts))
-        for k in self.blocks:
-            inter.attentions[k] = torch.stack(attn[k])
-        out = pad_maps(maps, batch.labels)
-        out.attention_last = torch.stack(attn["last"])
-        return out
-
-
-def cam_labels(initial, size) -> torch.Tensor:
-    """The injected CAMs' own labels: background 1 - max, argmax, at the crop size (no refinement, no PAR)."""
-    cams = torch.nn.functional.interpolate(initial.cams, size=size, mode="bilinear", align_corners=False)
-    cams = cams.masked_fill(~initial.valid[:, :, None, None], -1)
-    scores = torch.cat([1 - cams.amax(dim=1, keepdim=True), cams], dim=1)
-    ids = torch.cat([torch.zeros_like(initial.classes[:, :1]), initial.classes + 1], dim=1)
-    idx = scores.argmax(dim=1)
-    return ids.gather(1, idx.flatten(1)).view_as(idx)
-
-
 LEARN = {"iters": 80, "early": 10, "seed": 1}
 MARGIN_LABELS = 0.05    # measured +0.191 / +0.105 / +0.164 over scene seeds 1 / 2 / 3
 MARGIN_DECODER = 0.05   # measured +0.212 / +0.065 / +0.070
@@ -187,26 +138,10 @@ def test_labels_beat_the_injected_cams_and_the_decoder_beats_its_first_labels(tm
     ds = build_dataset("voc", data["root"], data["classes"])
     blocks = build_label_maker(cfg["online"], clip, ds.classes).attention_blocks
     inject = InjectedCAMs(ds, ds.ids(str(data["train"])), aug_config(cfg["data"]), cfg["train"]["seed"], blocks, 0.5)
-    maker = build_label_maker(cfg["online"], clip, ds.classes, cams=inject)
-    n = ds.classes.num_classes + 1
-    conf = {k: np.zeros((n, n), np.int64) for k in ("cams", "labels", "first")}
-
-    class Scored:
-        attention_blocks = maker.attention_blocks
-        extra_loss = maker.extra_loss
-
-        def __call__(self, batch, outputs, iteration):
-            made = maker(batch, outputs, iteration)
-            lab, cam = made.labels.cpu().numpy(), cam_labels(made.initial, batch.images.shape[-2:]).cpu().numpy()
-            for b, gt in enumerate(inject.gt[-1]):
-                conf["cams"] += metrics.confusion_matrix(cam[b], gt, n, IGNORE_INDEX)
-                conf["labels"] += metrics.confusion_matrix(lab[b], gt, n, IGNORE_INDEX)
-                if iteration < early:
-                    conf["first"] += metrics.confusion_matrix(lab[b], gt, n, IGNORE_INDEX)
-            return made
-
-    res = train(cfg, tmp_path / "run", clip_model=clip, label_maker=Scored(), **KW)
-    cams, labels, first = (metrics.mean_iou(conf[k]) for k in ("cams", "labels", "first"))
+    scored = ScoredLabels(build_label_maker(cfg["online"], clip, ds.classes, cams=inject), inject,
+                          ds.classes.num_classes, early)
+    res = train(cfg, tmp_path / "run", clip_model=clip, label_maker=scored, **KW)
+    cams, labels, first = (metrics.mean_iou(scored.conf[k]) for k in ("cams", "labels", "first"))
     print(f"injected CAMs {cams:.3f}, online labels {labels:.3f}, first {early} its' labels {first:.3f}, "
           f"decoder val {res['val_miou']:.3f}")
     assert labels > cams + MARGIN_LABELS, (labels, cams)

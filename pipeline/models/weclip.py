@@ -8,7 +8,7 @@ resolution. Only the decoder has trainable parameters (5,985,045 for ViT-B/16 an
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,19 @@ def _init_clip_block(block: ResidualAttentionBlock) -> ResidualAttentionBlock:
     nn.init.zeros_(block.attn.in_proj_bias)
     nn.init.zeros_(block.attn.out_proj.bias)
     return block
+
+
+def padded_logits(patch_logits: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  patch: int) -> torch.Tensor:
+    """images (B, 3, H, W), any size -> logits (B, C, H, W) float32: the images zero-padded bottom/right
+    to whole ``patch``-pixel patches, ``patch_logits`` of them (B, C, Hp/p, Wp/p), bilinear upsampling
+    to the padded size (align_corners=False, as the reference), the padding cropped off."""
+    H, W = images.shape[-2:]
+    Hp, Wp = math.ceil(H / patch) * patch, math.ceil(W / patch) * patch
+    if (Hp, Wp) != (H, W):
+        images = F.pad(images, (0, Wp - W, 0, Hp - H))
+    logits = F.interpolate(patch_logits(images).float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
+    return logits[..., :H, :W]
 
 
 class LayerMLP(nn.Module):
@@ -127,13 +140,7 @@ class WeCLIPSeg(nn.Module):
         cropped off again after the bilinear upsampling, align_corners=False as the reference)."""
         if outputs == "train":
             return self._train_outputs(images, attention_blocks)
-        H, W = images.shape[-2:]
-        Hp, Wp = math.ceil(H / self.patch) * self.patch, math.ceil(W / self.patch) * self.patch
-        if (Hp, Wp) != (H, W):
-            images = F.pad(images, (0, Wp - W, 0, Hp - H))
-        logits = self.forward_patch_logits(images)
-        logits = F.interpolate(logits.float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
-        return logits[..., :H, :W]
+        return padded_logits(self.forward_patch_logits, images, self.patch)
 
     def _train_outputs(self, images: torch.Tensor, attention_blocks: Sequence[int]) -> dict:
         from ..labels.affinity import decoder_affinity

@@ -15,7 +15,6 @@ backbone study; CLIP is still needed for the CAMs). Trainable parameters for ViT
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from ..clip.model import CLIP, ResidualAttentionBlock
 from ..dino.model import DinoVisionTransformer
-from .weclip import LayerMLP, _init_clip_block
+from .weclip import LayerMLP, _init_clip_block, padded_logits
 
 BRANCHES = ("both", "clip", "dino")
 
@@ -139,16 +138,11 @@ class WeCLIPPlusSeg(nn.Module):
         """images (B, 3, H, W) normalised (ImageNet statistics), any size -> logits (B, C, H, W) float32.
 
         Sizes that are not multiples of the CLIP patch are zero-padded bottom/right and cropped back after
-        the bilinear upsampling (as WeCLIP's model here). ``outputs='train'`` returns ``_train_outputs``."""
+        the bilinear upsampling (``padded_logits``, as WeCLIP's model). ``outputs='train'`` returns
+        ``_train_outputs``."""
         if outputs == "train":
             return self._train_outputs(images, attention_blocks)
-        H, W = images.shape[-2:]
-        Hp, Wp = math.ceil(H / self.patch) * self.patch, math.ceil(W / self.patch) * self.patch
-        if (Hp, Wp) != (H, W):
-            images = F.pad(images, (0, Wp - W, 0, Hp - H))
-        logits = F.interpolate(self.forward_patch_logits(images).float(), size=(Hp, Wp), mode="bilinear",
-                               align_corners=False)
-        return logits[..., :H, :W]
+        return padded_logits(self.forward_patch_logits, images, self.patch)
 
     def _train_outputs(self, images: torch.Tensor, attention_blocks: Sequence[int]) -> dict[str, Any]:
         """Crops whose sides are multiples of the CLIP patch -> {logits (B, C, H, W) the branches' mean,

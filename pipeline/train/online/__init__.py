@@ -17,8 +17,8 @@ losses of its own besides the loop's (WeCLIP+'s Dice and cross-branch terms) add
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Protocol, Self, Sequence
 
 import torch
 
@@ -98,6 +98,19 @@ class GradCAMSource:
         maps, attn_last = self.engine.initial_maps(intermediates, batch.labels, grid)
         classes, valid = label_slots(batch.labels, maps.device)
         return InitialCAMs(maps.float(), valid, classes, attn_last)
+
+
+class OnlineSettings:
+    """Base of a method's settings (a frozen dataclass), read from the ``online`` config section."""
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], box_threshold: float) -> Self:
+        """The section's keys that are fields here (null ones keep the defaults); ``box_threshold`` where
+        the section sets none."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names and v is not None}
+        kw.setdefault("box_threshold", box_threshold)
+        return cls(**kw)
 
 
 class LabelMaker(ABC):

@@ -16,7 +16,7 @@ False averages the last maps without G_e.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 from ...labels.affinity import box_masks, layer_filter, refine_batch, transition_matrix
 from ...labels.par import par
-from . import CAMSource, InitialCAMs, LabelMaker, OnlineBatch, OnlineLabels
+from . import CAMSource, InitialCAMs, LabelMaker, OnlineBatch, OnlineLabels, OnlineSettings
 
 REFINE = ("both", "attention", "decoder", "none")
 
 
 @dataclass(frozen=True)
-class WeCLIPConfig:
+class WeCLIPConfig(OnlineSettings):
     """switch_iter: first (0-based) training iteration of the second phase. The reference switches
     when a forward counter passes 15000 (VOC) / 40000 (COCO), but on VOC that counter also counts its
     validation forwards (1464 images after every 2000 iterations), so it switches at 0-based training
@@ -54,13 +54,6 @@ class WeCLIPConfig:
             raise ValueError(f"online.refine must be one of {', '.join(REFINE)}, got {self.refine!r}")
         if self.static_layers < 1 or self.filter_layers < 1:
             raise ValueError("online.static_layers and online.filter_layers must be >= 1")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], box_threshold: float) -> "WeCLIPConfig":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
-        kw.setdefault("box_threshold", box_threshold)
-        return cls(**kw)
 
 
 def rfm_attention(attentions: torch.Tensor, affinity: torch.Tensor | None, cfg: WeCLIPConfig,

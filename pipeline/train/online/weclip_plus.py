@@ -21,7 +21,7 @@ other branch's argmax.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from ...classes import IGNORE_INDEX
 from ...labels.affinity import box_masks, layer_filter, refine_batch, transition_matrix
 from ..losses import ONE, Pool, segmentation_loss
-from . import CAMSource, InitialCAMs, LabelMaker, OnlineBatch, OnlineLabels
+from . import CAMSource, InitialCAMs, LabelMaker, OnlineBatch, OnlineLabels, OnlineSettings
 from .weclip import online_labels
 
 
 @dataclass(frozen=True)
-class PlusConfig:
+class PlusConfig(OnlineSettings):
     """The ``online`` settings of WeCLIP+ (VOC values of the reference code by default).
 
     cam_input_block: 1-based CLIP block whose output GradCAM's rerun of the last block takes (None: the
@@ -65,13 +65,6 @@ class PlusConfig:
             raise ValueError(f"online.replace_threshold must be in (0, 1), got {self.replace_threshold}")
         if self.dice_weight < 0 or self.cross_weight < 0:
             raise ValueError("online.dice_weight and online.cross_weight must be >= 0")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], box_threshold: float) -> "PlusConfig":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names and v is not None}
-        kw.setdefault("box_threshold", box_threshold)
-        return cls(**kw)
 
 
 # ------------------------------------------------------------------------------------- maths
