@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> CamsConfig:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="model precision (auto: on CUDA the method's reference dtype, CLIP-ES fp16, ExCEL fp32; fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=0, help="images per forward, same-size images are grouped (0: auto)")
-    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image decoding worker processes (default: on CUDA up to 8, one per core; on the CPU 2)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs in --out made with another configuration or checkpoint, recomputing everything")
     p.add_argument("--fixed", action="store_true",

@@ -245,3 +245,18 @@ def test_cams_straight_into_pseudo_labels_equal_the_two_stage_run(tmp_path, tiny
     again = run_cams(cfg_for(root, split, tiny_clip_path, tmp_path / "unused", pseudo_out=str(tmp_path / "streamed"),
                              keep_cams=False))
     assert (again.written, again.skipped) == (0, 5)
+
+
+def test_decoding_processes_by_default(monkeypatch):
+    """A GPU outruns two decoders: on CUDA one per core (one left for the device loop) up to 8, shared among
+    torchrun's processes on the machine; on the CPU 2, which leave the model its cores."""
+    import torch
+
+    from pipeline.cams.stage import default_workers
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, gpu, cpu in ((2, 1, 2), (1, 1, 1), (6, 5, 2), (32, 8, 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+        assert (default_workers(torch.device("cuda")), default_workers(torch.device("cpu"))) == (gpu, cpu), cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers(torch.device("cuda", 1)) == 7  # 32 cores / 4 processes, one left

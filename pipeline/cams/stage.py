@@ -49,7 +49,7 @@ class CamsConfig:
     device: str = "auto"
     precision: str = "auto"           # fp32 on CPU; on CUDA the method's reference dtype (CLIP-ES fp16, ExCEL fp32)
     batch_size: int = 0               # 0: 1 on CPU, 16 on CUDA
-    workers: int = 2
+    workers: int | None = None        # decoding processes (None: ``default_workers``)
     overwrite: bool = False
     exact: bool = True                # reproduce CLIP-ES's code quirks
     max_patches: int = DEFAULT_MAX_PATCHES
@@ -118,6 +118,17 @@ def _batches(items: Iterable[dict], batch_size: int, errors: dict[str, str]) -> 
             yield buckets.pop(key)
     for batch in buckets.values():
         yield batch
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding processes: a GPU computes a batch faster than two processes decode and resize it (up to 8,
+    one per core of this process's share under torchrun, leaving one for the device loop); on the CPU the
+    model needs the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type != "cuda":
+        return min(2, cores)
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, share - 1))
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -200,8 +211,9 @@ def run_cams(cfg: CamsConfig) -> Summary:
     summary = Summary(rank=rank, total=len(shard), skipped=len(shard) - len(todo))
     batch_size = cfg.batch_size or (16 if device.type == "cuda" else 1)
     load = method.image_loader(cam_cfg, cfg.max_patches, cfg.exif_transpose)
-    loader = DataLoader(_Images(data, todo, load), batch_size=None, num_workers=cfg.workers,
-                        prefetch_factor=4 if cfg.workers else None)
+    workers = default_workers(device) if cfg.workers is None else cfg.workers
+    loader = DataLoader(_Images(data, todo, load), batch_size=None, num_workers=workers,
+                        prefetch_factor=4 if workers else None)
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                desc=f"cams {cfg.dataset}/{Path(cfg.split).name}")
