@@ -1,5 +1,6 @@
-"""Failures that only a machine with CUDA shows, reproduced on the CPU by making torch report a GPU: a
-torchrun process told to compute on the CPU there must still join a process group that works on the CPU."""
+"""Failures that only a machine with CUDA shows, reproduced on the CPU by making torch report GPUs: a torchrun
+process told to compute on the CPU there must still join a process group that works on the CPU; a checkpoint
+saved on a machine with more GPUs must resume."""
 from __future__ import annotations
 
 import pytest
@@ -41,3 +42,16 @@ def test_cams_on_the_cpu_of_a_gpu_machine_join_gloo(gpu_machine_torchrun, tmp_pa
     with pytest.raises(Joined) as joined:
         run_cams(cfg)
     assert str(joined.value) == "gloo"  # NCCL has no barrier on the CPU
+
+
+def test_resuming_on_a_machine_with_fewer_gpus_restores_the_ones_it_has(monkeypatch):
+    from pipeline import checkpoint
+
+    state = checkpoint.rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved with 2 GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    checkpoint.set_rng_state(state)
+    assert len(restored) == 1 and restored[0].eq(0).all()  # torch would fail on the absent second GPU
