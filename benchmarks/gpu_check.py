@@ -46,7 +46,7 @@ def spread_rows(report: Path) -> list[dict]:
         for stat, name in (("max_abs", "max |diff|"), ("mean_abs", "mean |diff|"), ("one_minus_r", "1 - min r")):
             mine = 1 - o["min_pearson"] if stat == "one_minus_r" else o[stat]
             ref = 1 - r["min_pearson"] if stat == "one_minus_r" else r[stat]
-            margin = d["margins"][stat]
+            margin = d["margins"][kind][stat]
             rows.append({"what": f"fp16 vs float32 CAMs, {label}: {name} (at most)", "measured": mine, "unit": "",
                          "floor": margin * ref, "meets": "yes" if mine <= margin * ref else "NO",
                          "reference_point": f"reference {ref:.3g}",

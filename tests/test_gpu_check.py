@@ -14,7 +14,8 @@ def test_spread_rows_bound_each_statistic(tmp_path):
     ref = {"max_abs": 0.1, "mean_abs": 0.01, "min_pearson": 0.99, "maps": 5}
     ours = {"init": {"max_abs": 0.25, "mean_abs": 0.011, "min_pearson": 0.985, "maps": 5},
             "cams": {"max_abs": 0.1, "mean_abs": 0.03, "min_pearson": 0.999, "maps": 4}}
-    margins = {"max_abs": 3.0, "mean_abs": 1.5, "one_minus_r": 2.0}
+    margins = {"init": {"max_abs": 3.0, "mean_abs": 1.5, "one_minus_r": 2.0},
+               "cams": {"max_abs": 3.0, "mean_abs": 1.5, "one_minus_r": 2.0}}
     (tmp_path / "fp16_spread.json").write_text(json.dumps(
         {"reference": {"init": ref, "cams": {**ref, "maps": 4}}, "ours": ours, "margins": margins}))
     rows = gpu_check.spread_rows(tmp_path)
