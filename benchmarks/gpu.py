@@ -370,7 +370,10 @@ def collect(device: torch.device, clip: Path | None, work: Path, quick: bool = F
 def format_rows(rows: list[dict]) -> str:
     from pipeline.eval.metrics import format_table
 
-    shown = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    def figure(v: float) -> str:  # 3 significant digits: the fp16 spreads are small numbers
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+    shown = [{k: (figure(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     return format_table(shown, COLUMNS)
 
 

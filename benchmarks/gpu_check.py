@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     below = [r["what"] for r in rows if r.get("meets") == "NO"]
     failed = [r["what"] for r in rows if str(r.get("note", "")).startswith("FAILED")]
     total = time.perf_counter() - start
-    print(f"\ntests/test_gpu.py: {tests}; {len(below)} figure(s) below the floor, {len(failed)} row(s) failed")
+    print(f"\ntests/test_gpu.py: {tests}; {len(below)} figure(s) short of their floor (fp16 rows: over their bound), "
+          f"{len(failed)} row(s) failed")
     print(f"time: {total:.0f} s of the {BUDGET_S} s budget ({'within' if total <= BUDGET_S else 'OVER'}): "
           f"tests {tests_s:.0f} s, benchmark rows {bench_s:.0f} s, the rest {total - tests_s - bench_s:.0f} s")
     return 1 if tests_rc else 0
