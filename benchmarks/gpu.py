@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import math
 import os
 import shutil
 import sys
@@ -38,9 +39,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = [[14, 8, 11], [2, 6, 14], [7, 11, 17], [0, 5, 6], [9, 12, 16], [3, 10, 18]]
-# a section still running after this long is hung (each takes well under a minute on an H200): its stacks
+# a section still running after this long is hung (each should take under a minute on an H200): its stacks
 # are printed and the process ends, so a hang cannot eat a GPU session's device time
-SECTION_LIMIT_S = 150
+SECTION_LIMIT_S = 200
 COLUMNS = ["what", "measured", "unit", "floor", "meets", "reference_point", "peak_gib", "note"]
 
 
@@ -339,10 +340,11 @@ def write_clip(arch: str, path: Path) -> Path:
 
 
 def collect(device: torch.device, clip: Path | None, work: Path, quick: bool = False,
-            sections: list[str] | None = None, log=print, deadline: float | None = None) -> list[dict]:
+            sections: list[str] | None = None, log=print, deadline: float | None = None,
+            stop: float | None = None) -> list[dict]:
     """All rows (or those of ``sections``); each section's time and figures go to ``log`` as it ends (what
-    a stopped run still shows). A section running past ``SECTION_LIMIT_S`` ends the process with its stacks;
-    none starts after ``deadline`` (a ``time.perf_counter()`` value): it gets a row saying so."""
+    a stopped run still shows). A section running past ``SECTION_LIMIT_S``, or past ``stop``, ends the process
+    with its stacks; none starts after ``deadline`` (``time.perf_counter()`` values): it gets a row saying so."""
     sizes = QUICK if quick else FULL
     clip = clip or write_clip(sizes.arch, work / "clip.pt")
     s = Setup(device, sizes, Path(clip), work, quick)
@@ -353,7 +355,7 @@ def collect(device: torch.device, clip: Path | None, work: Path, quick: bool = F
             rows.append({"what": name, "note": "FAILED: not run, the time limit was reached"})
             log(f"  [{name}: not run, the time limit was reached]", flush=True)
             continue
-        faulthandler.dump_traceback_later(SECTION_LIMIT_S, exit=True)
+        faulthandler.dump_traceback_later(max(1.0, min(SECTION_LIMIT_S, (stop or math.inf) - t)), exit=True)
         try:
             got = SECTIONS[name](s)
         except Exception as e:  # noqa: BLE001 - a section that cannot even set up

@@ -1,13 +1,16 @@
-"""make gpu-check's own logic on the CPU: the fp16 rows against their bounds, the time limit of the
+"""make gpu-check's own logic on the CPU: the fp16 rows against their bounds, the time limits of the
 benchmark sections, the stopped test run."""
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 
 import torch
 
 from benchmarks import gpu, gpu_check
+from conftest import ROOT
 
 
 def test_spread_rows_bound_each_statistic(tmp_path):
@@ -42,3 +45,17 @@ def test_a_test_run_past_its_limit_is_stopped(monkeypatch, tmp_path):
 
     monkeypatch.setattr(gpu_check.subprocess, "run", slow)
     assert gpu_check.run_tests(torch.device("cpu"), tmp_path / "clip.pt", tmp_path, 1) == -1
+
+
+def test_a_section_running_past_the_stop_ends_the_run_with_its_stacks(tmp_path):
+    code = ("import sys, time, torch; from pathlib import Path; from benchmarks import gpu\n"
+            "gpu.SECTIONS['stuck'] = lambda s: time.sleep(60) or []\n"
+            "gpu.collect(torch.device('cpu'), None, Path(sys.argv[1]), quick=True, sections=['stuck'],"
+            " stop=time.perf_counter() + 3)\n"
+            "print('not stopped')\n")
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "not stopped" not in proc.stdout
+    assert "Timeout" in proc.stderr and "<lambda>" in proc.stderr       # where it hung
+    assert time.perf_counter() - t < 30
