@@ -5,11 +5,13 @@ spread the tests measured against its bound; last, the time taken against the 6-
     python -m benchmarks.gpu_check            # on a CUDA machine; elsewhere it says so and exits 0
     python -m benchmarks.gpu_check --no-tests --quick --device cpu    # checks this code on a CPU
 
-One random CLIP of the ViT-B/16 shapes is written once for the tests and the benchmarks. A hung test or
+First, in seconds, whether the machine has every package and file the check needs (``preflight``). One
+random CLIP of the ViT-B/16 shapes is written once for the tests and the benchmarks. A hung test or
 benchmark section cannot eat the GPU session: the tests are stopped after ``TESTS_LIMIT_S`` (pytest dumps
 the stacks of a test still running after ``STACKS_AFTER_S``), a benchmark section after
-``benchmarks.gpu.SECTION_LIMIT_S``, none starts after ``LAST_START_S`` and the run ends by ``STOP_S``. Exit status: 1 when a GPU test fails or the tests were stopped, else 0
-(a figure below its floor is marked NO in the table, not an error).
+``benchmarks.gpu.SECTION_LIMIT_S``, none starts after ``LAST_START_S`` and the run ends by ``STOP_S``.
+Exit status: 1 when something is missing, a GPU test fails or the tests were stopped, else 0 (a figure
+below its floor is marked NO in the table, not an error).
 """
 from __future__ import annotations
 
@@ -56,6 +58,38 @@ def spread_rows(report: Path) -> list[dict]:
     return rows
 
 
+# what the tests and rows import beyond torch and numpy (pydensecrf is optional: the GPU runs the torch CRF;
+# the tokenizer's ftfy and regex are tried through the tokenizer)
+MODULES = ("pytest", "PIL", "cv2", "yaml", "omegaconf", "tqdm")
+
+
+def preflight() -> list[str]:
+    """What this machine lacks for the check, one line each (empty: nothing): the packages in ``MODULES``,
+    CLIP's tokenizer files (from openai-clip) and a training config read through OmegaConf. Seconds, so a
+    machine short of a package fails here rather than minutes into the tests."""
+    import importlib
+
+    missing = []
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure to import is reported
+            missing.append(f"python package {name}: {type(e).__name__}: {e}")
+    try:
+        from pipeline.clip.tokenizer import tokenize
+
+        tokenize(["a photo of a dog."])
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"CLIP's tokenizer: {type(e).__name__}: {e}")
+    try:
+        from pipeline.train.config import load_config
+
+        load_config(ROOT / "configs" / "weclip_voc.yaml")
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"training configs: {type(e).__name__}: {e}")
+    return missing
+
+
 def run_tests(device: torch.device, clip: Path, report: Path, limit_s: float) -> int:
     """pytest on tests/test_gpu.py with every test's duration; its exit status, or -1 when stopped."""
     env = dict(os.environ, CLIP_WSSS_GPU_CLIP=str(clip), CLIP_WSSS_GPU_REPORT=str(report),
@@ -82,6 +116,11 @@ def main(argv=None) -> int:
         print(f"gpu-check: no CUDA device on this machine (torch {torch.__version__}, "
               f"CUDA build {torch.version.cuda or 'none'}); nothing to check. Run it on a machine with a GPU.")
         return 0
+    missing = preflight()
+    if missing:
+        print("gpu-check: this machine lacks what the check needs (README, 'On a GPU machine', says how to carry "
+              "the wheels):\n  " + "\n  ".join(missing))
+        return 1
     start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"gpu-check on {name}, torch {torch.__version__}; budget {BUDGET_S} s", flush=True)

@@ -59,3 +59,16 @@ def test_a_section_running_past_the_stop_ends_the_run_with_its_stacks(tmp_path):
     assert proc.returncode != 0 and "not stopped" not in proc.stdout
     assert "Timeout" in proc.stderr and "<lambda>" in proc.stderr       # where it hung
     assert time.perf_counter() - t < 30
+
+
+def test_a_machine_short_of_a_package_is_told_before_anything_runs(monkeypatch, capsys):
+    assert gpu_check.preflight() == []                      # this machine has everything
+
+    def started(*args, **kwargs):
+        raise AssertionError("the check started")
+
+    monkeypatch.setattr(gpu_check, "MODULES", ("pytest", "no_such_package_xyz"))
+    monkeypatch.setattr(gpu, "write_clip", started)
+    assert gpu_check.main(["--device", "cpu", "--no-tests", "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert "python package no_such_package_xyz" in out and "python package pytest" not in out
