@@ -22,6 +22,8 @@ and the others still run.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import math
 import os
 import shutil
 import sys
@@ -37,6 +39,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = [[14, 8, 11], [2, 6, 14], [7, 11, 17], [0, 5, 6], [9, 12, 16], [3, 10, 18]]
+# a section still running after this long is hung (each should take under a minute on an H200): its stacks
+# are printed and the process ends, so a hang cannot eat a GPU session's device time
+SECTION_LIMIT_S = 200
 COLUMNS = ["what", "measured", "unit", "floor", "meets", "reference_point", "peak_gib", "note"]
 
 
@@ -335,26 +340,42 @@ def write_clip(arch: str, path: Path) -> Path:
 
 
 def collect(device: torch.device, clip: Path | None, work: Path, quick: bool = False,
-            sections: list[str] | None = None, log=print) -> list[dict]:
-    """All rows (or those of ``sections``), each section timed in ``log``."""
+            sections: list[str] | None = None, log=print, deadline: float | None = None,
+            stop: float | None = None) -> list[dict]:
+    """All rows (or those of ``sections``); each section's time and figures go to ``log`` as it ends (what
+    a stopped run still shows). A section running past ``SECTION_LIMIT_S``, or past ``stop``, ends the process
+    with its stacks; none starts after ``deadline`` (``time.perf_counter()`` values): it gets a row saying so."""
     sizes = QUICK if quick else FULL
     clip = clip or write_clip(sizes.arch, work / "clip.pt")
     s = Setup(device, sizes, Path(clip), work, quick)
     rows = []
     for name in sections or list(SECTIONS):
         t = time.perf_counter()
+        if deadline is not None and t > deadline:
+            rows.append({"what": name, "note": "FAILED: not run, the time limit was reached"})
+            log(f"  [{name}: not run, the time limit was reached]", flush=True)
+            continue
+        faulthandler.dump_traceback_later(max(1.0, min(SECTION_LIMIT_S, (stop or math.inf) - t)), exit=True)
         try:
-            rows += SECTIONS[name](s)
+            got = SECTIONS[name](s)
         except Exception as e:  # noqa: BLE001 - a section that cannot even set up
-            rows.append({"what": name, "note": failure(e)})
-        log(f"  [{name}: {time.perf_counter() - t:.0f} s]")
+            got = [{"what": name, "note": failure(e)}]
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        rows += got
+        figures = "; ".join(f"{r['what']}: " + (f"{r['measured']:.4g} {r['unit']}" if r.get("measured") is not None
+                                                 else r.get("note", "-")) for r in got)
+        log(f"  [{name}: {time.perf_counter() - t:.0f} s] {figures}", flush=True)
     return verdicts(rows)
 
 
 def format_rows(rows: list[dict]) -> str:
     from pipeline.eval.metrics import format_table
 
-    shown = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+    def figure(v: float) -> str:  # 3 significant digits: the fp16 spreads are small numbers
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+    shown = [{k: (figure(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     return format_table(shown, COLUMNS)
 
 

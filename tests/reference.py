@@ -260,21 +260,35 @@ def same_boxes(init_a: list[np.ndarray], init_b: list[np.ndarray], threshold: fl
 
 
 def compare_runs(a: list[tuple[np.ndarray, np.ndarray]], b: list[tuple[np.ndarray, np.ndarray]],
-                 threshold: float) -> dict[str, dict[str, float]]:
+                 threshold: float, keep: list[np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Two runs, per image (refined, init) -> {'init': GradCAM maps, 'cams': refined maps whose box masks
-    agree (``same_boxes``)}, each ``map_distance``."""
+    agree (``same_boxes``) and, when given, that ``keep`` (per image (K,) bool) keeps}, each ``map_distance``."""
     init_a, init_b = [r[1] for r in a], [r[1] for r in b]
-    keep = same_boxes(init_a, init_b, threshold)
+    agree = same_boxes(init_a, init_b, threshold)
+    if keep is not None:
+        agree = [x & y for x, y in zip(agree, keep)]
     return {"init": map_distance(init_a, init_b),
-            "cams": map_distance([r[0] for r in a], [r[0] for r in b], keep)}
+            "cams": map_distance([r[0] for r in a], [r[0] for r in b], agree)}
 
 
-def precision_spread(state_dict: dict[str, torch.Tensor], images: torch.Tensor, labels: list[list[int]],
-                     strings: list[str], template: str, num_classes: int, threshold: float,
-                     device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
-    """How far the reference's own maps move between float32 and the precision CLIP-ES runs in on CUDA
-    (``as_on_cuda``: fp16 weights and activations, numpy host arithmetic on fp16 arrays), on the same
-    inputs and ``device`` (fp16 on the CPU where torch has the kernels): ``compare_runs`` of the two.
+def paired_spreads(reference: tuple[list, list], ours: tuple[list, list], threshold: float) -> dict[str, dict]:
+    """Two pairs of runs on the same images and labels, each (runs a, runs b) as ``compare_runs`` takes them ->
+    {'reference': ..., 'ours': ...} ``compare_runs`` of each, the refined maps of both restricted to the maps
+    whose box masks agree in both pairs: the same maps on both sides, since the largest difference and the
+    lowest correlation of two different sets of maps differ by chance (measured: docs/testing.md)."""
+    def agree(pair):
+        return same_boxes([r[1] for r in pair[0]], [r[1] for r in pair[1]], threshold)
+
+    both = [x & y for x, y in zip(agree(reference), agree(ours))]
+    return {"reference": compare_runs(*reference, threshold, both), "ours": compare_runs(*ours, threshold, both)}
+
+
+def precision_runs(state_dict: dict[str, torch.Tensor], images: torch.Tensor, labels: list[list[int]],
+                   strings: list[str], template: str, num_classes: int, threshold: float,
+                   device: str | torch.device = "cpu") -> tuple[list, list]:
+    """The reference's maps in float32 and in the precision CLIP-ES runs in on CUDA (``as_on_cuda``: fp16
+    weights and activations, numpy host arithmetic on fp16 arrays), on the same inputs and ``device`` (fp16 on
+    the CPU where torch has the kernels): (float32 runs, fp16 runs), per image (refined, init).
 
     images (B, 3, H', W') normalised, labels per image; strings: the text rows (foreground prompts then
     background)."""
@@ -287,4 +301,13 @@ def precision_spread(state_dict: dict[str, torch.Tensor], images: torch.Tensor, 
         dt = torch.float16 if name == "cuda" else torch.float32
         runs[name] = [reference_cams(model, images[b:b + 1].to(device, dt), labels[b], text, num_classes, threshold)
                       for b in range(len(labels))]
-    return compare_runs(runs["float32"], runs["cuda"], threshold)
+    return runs["float32"], runs["cuda"]
+
+
+def precision_spread(state_dict: dict[str, torch.Tensor], images: torch.Tensor, labels: list[list[int]],
+                     strings: list[str], template: str, num_classes: int, threshold: float,
+                     device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """How far the reference's own maps move between float32 and fp16 as on CUDA: ``compare_runs`` of
+    ``precision_runs``."""
+    return compare_runs(*precision_runs(state_dict, images, labels, strings, template, num_classes, threshold,
+                                        device), threshold)

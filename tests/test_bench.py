@@ -31,7 +31,7 @@ def test_make_bench_quick_reaches_every_part():
 def test_gpu_rows_run_on_the_cpu(tmp_path, one_thread):
     from benchmarks import gpu
 
-    rows = gpu.collect(torch.device("cpu"), None, tmp_path, quick=True, log=lambda *_: None)
+    rows = gpu.collect(torch.device("cpu"), None, tmp_path, quick=True, log=lambda *_, **__: None)
     assert [r["note"] for r in rows if str(r.get("note", "")).startswith("FAILED")] == []
     assert len(rows) == 2 + 2 + len(gpu.QUICK.crf_labels) + 2 + 3 + 1
     assert all(r["measured"] > 0 for r in rows)

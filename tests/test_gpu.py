@@ -9,10 +9,12 @@ On a random CLIP of the true ViT-B/16 shapes written to disk (``pipeline.clip.ra
   methods, pseudo labels and cams-pseudo with the torch CRF, training of weclip, weclip-online, excel and
   deeplab, predict, and evaluation with the CRF.
 
-``CLIP_WSSS_TEST_DEVICE=cpu`` runs the same tests on the CPU with a tiny CLIP and a tiny ResNet (a check of
-the tests themselves where no GPU is at hand); ``CLIP_WSSS_GPU_CLIP`` names a random ViT-B/16 file already
-written (``make gpu-check`` writes one for the tests and the benchmarks); with ``CLIP_WSSS_GPU_REPORT`` set
-to a folder, the fp16 figures are written there as ``fp16_spread.json`` for the gpu-check table.
+``CLIP_WSSS_TEST_DEVICE=cpu`` runs the same tests on the CPU (a check of the tests themselves where no GPU is
+at hand, about 1.5-3 minutes): the stages with a tiny CLIP and a tiny ResNet but in the precisions a GPU picks
+(CLIP-ES CAMs in fp16, training under bf16 autocast), the fp16 bound with a random B/16 at 224 x 224.
+``CLIP_WSSS_GPU_CLIP`` names a random ViT-B/16 file already written (``make gpu-check`` writes one for the tests
+and the benchmarks); with ``CLIP_WSSS_GPU_REPORT`` set to a folder, the fp16 figures are written there as
+``fp16_spread.json`` for the gpu-check table.
 """
 from __future__ import annotations
 
@@ -31,20 +33,22 @@ from pipeline.classes import builtin
 from pipeline.clip.model import load_clip, read_state_dict
 from pipeline.clip.random import TINY, VIT_B_16, random_clip, save_clip
 from pipeline.data import synthetic
-from reference import compare_runs, precision_spread
+from reference import paired_spreads, precision_runs
 
 DEVICE = os.environ.get("CLIP_WSSS_TEST_DEVICE", "cuda")
 ON_GPU = DEVICE.startswith("cuda")
 pytestmark = pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-# fp16 CAMs: ours may be this many times as far from our float32 maps as the reference's fp16 maps are from
-# the reference's float32 maps (largest and mean absolute difference, 1 - Pearson). Why 2: the two are
-# equally precise computations whose rounding errors land differently (batched matmuls and a fused
-# attention kernel against per-class passes and an explicit softmax), and the largest difference over a
-# few thousand pixels is a noisy statistic of that rounding (on CPU, B/16 weights, ours/reference:
-# 0.9x the largest, 1.9x the 1 - Pearson of the worst map); a real loss of precision is bigger than 2x:
-# bf16 instead of fp16 has 8x the rounding step, an fp16 accumulation of the 768-channel sum tens of x.
-FP16_MARGIN = 2.0
+# fp16 CAMs: ours may be this many times as far from our float32 maps as the reference's fp16 maps are from the
+# reference's float32 maps, per kind of map and statistic (``reference.paired_spreads``: refined maps compared
+# on the same maps on both sides). Measured on the CPU with random B/16s (docs/testing.md), ours / reference
+# at most, sets of 16 images at 384 x 512 (as on the GPU) | of 4 at 224 x 224 (as on the CPU): GradCAM max
+# 1.51 | 1.45, mean 1.42 | 1.44, 1 - r 2.24 | 2.29; refined max 1.78 | 2.66, mean 2.01 | 2.27, 1 - r 2.93 |
+# 6.47. The mean is stable, the extremes of a few maps are not; each margin leaves 1.4-2x room. CAA in fp16
+# exceeds them 18-500x; our engine in bf16 does not at 384 x 512 (GradCAM's gradients, ~1e-6, are subnormal in
+# fp16, in the reference as in ours, not in bf16), and does in half the sets at 224 x 224.
+FP16_MARGINS = {"init": {"max_abs": 2.5, "mean_abs": 2.0, "one_minus_r": 4.0},
+                "cams": {"max_abs": 5.0, "mean_abs": 4.0, "one_minus_r": 12.0}}
 
 
 @pytest.fixture(scope="module")
@@ -66,31 +70,43 @@ def exact_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
-IMAGES = (384, 512) if ON_GPU else (64, 80)
-LABELS = [[14, 8, 11], [2], [7, 11], [0, 5]]
+# the fp16 check on the CPU runs B/16 too, at 224 x 224 and on 4 images (a minute or two): a tiny CLIP's maps
+# are too few and too chaotic for the bound to mean anything (its ratios spread over 0.06-9x, docs/testing.md).
+# 16 images on the GPU: at 384 x 512 few refined maps keep their boxes in both precisions, and 16 images make
+# a set with none improbable (none in 300 drawn sets, 1 in 300 with 12 images)
+IMAGES = (384, 512) if ON_GPU else (224, 224)
+LABELS = [[14, 8, 11], [2], [7, 11], [0, 5], [9, 12, 16], [3, 10, 18], [1, 4], [13, 19, 6], [15], [17, 8], [5, 14],
+          [11], [0, 2, 19], [6, 9], [12], [4, 16, 7]][:16 if ON_GPU else 4]
 
 
 @pytest.fixture(scope="module")
-def fp16_runs(clip_path):
-    """On 4 random images: the reference's float32-to-fp16 spread (``reference.precision_spread``), our
-    float32 maps and our batched fp16 maps."""
+def fp16_runs(clip_path, tmp_path_factory):
+    """On random images with a random B/16: the reference's float32 and fp16 maps
+    (``reference.precision_runs``), our float32 maps and our batched fp16 maps."""
+    path = clip_path if ON_GPU else save_clip(random_clip(VIT_B_16, seed=1), tmp_path_factory.mktemp("b16") / "b16.pt")
     voc = builtin("voc")
     x = torch.randn(len(LABELS), 3, *IMAGES, generator=torch.Generator().manual_seed(0))
     with exact_float32():
-        spread = precision_spread(read_state_dict(clip_path), x, LABELS, list(voc.prompts) + list(voc.background),
-                                  voc.template, voc.num_classes, voc.box_threshold, DEVICE)
-        ref = CAMEngine(load_clip(clip_path, DEVICE, torch.float32), voc)(x.to(DEVICE), LABELS)
-    engine = CAMEngine(load_clip(clip_path, DEVICE, torch.float16), voc)
-    return {"spread": spread, "float32": ref, "fp16": engine(x.to(DEVICE).half(), LABELS), "engine": engine, "x": x}
+        reference = precision_runs(read_state_dict(path), x, LABELS, list(voc.prompts) + list(voc.background),
+                                   voc.template, voc.num_classes, voc.box_threshold, DEVICE)
+        ref = CAMEngine(load_clip(path, DEVICE, torch.float32), voc)(x.to(DEVICE), LABELS)
+    engine = CAMEngine(load_clip(path, DEVICE, torch.float16), voc)
+    return {"reference": reference, "float32": pairs(ref), "fp16": pairs(engine(x.to(DEVICE).half(), LABELS)),
+            "engine": engine, "x": x}
 
 
-def within_spread(ours: dict, spread: dict) -> None:
+def statistics(d: dict) -> dict[str, float]:
+    return {"max_abs": d["max_abs"], "mean_abs": d["mean_abs"], "one_minus_r": 1 - d["min_pearson"]}
+
+
+def within_spread(spreads: dict) -> None:
+    """Each statistic of ours at most its margin times the reference's, for GradCAM and refined maps."""
     for kind in ("init", "cams"):
-        r, o = spread[kind], ours[kind]
-        assert o["maps"] > 0, f"{kind}: no map to compare ({ours})"
-        assert o["max_abs"] <= FP16_MARGIN * r["max_abs"], (kind, ours, spread)
-        assert o["mean_abs"] <= FP16_MARGIN * r["mean_abs"], (kind, ours, spread)
-        assert 1 - o["min_pearson"] <= FP16_MARGIN * (1 - r["min_pearson"]), (kind, ours, spread)
+        ref, ours = spreads["reference"][kind], spreads["ours"][kind]
+        assert ours["maps"] > 0, f"{kind}: no map to compare ({spreads})"
+        r, o, m = statistics(ref), statistics(ours), FP16_MARGINS[kind]
+        over = {s: f"{o[s]:.3g} > {m[s]} x {r[s]:.3g}" for s in r if o[s] > m[s] * r[s]}
+        assert not over, (kind, over, spreads)
 
 
 def pairs(results) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -99,23 +115,22 @@ def pairs(results) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def test_fp16_cams_within_the_references_own_fp16_spread(fp16_runs):
     """CLIP-ES runs its CAMs in fp16 on CUDA. How far the reference's own fp16 maps lie from its float32
-    maps on the same inputs bounds how far ours may (``FP16_MARGIN``): GradCAM maps, and the refined maps
-    whose box masks agree between the precisions (elsewhere a pixel crossed the box threshold and a whole
-    box appears or goes, in the reference as in ours)."""
-    spread = fp16_runs["spread"]
-    ours = compare_runs(pairs(fp16_runs["float32"]), pairs(fp16_runs["fp16"]), builtin("voc").box_threshold)
+    maps on the same inputs bounds how far ours may (``FP16_MARGINS``): GradCAM maps, and the refined maps
+    whose box masks agree between the precisions in both (elsewhere a pixel crossed the box threshold and a
+    whole box appears or goes, in the reference as in ours)."""
+    spreads = paired_spreads(fp16_runs["reference"], (fp16_runs["float32"], fp16_runs["fp16"]),
+                             builtin("voc").box_threshold)
     if os.environ.get("CLIP_WSSS_GPU_REPORT"):
         Path(os.environ["CLIP_WSSS_GPU_REPORT"], "fp16_spread.json").write_text(
-            json.dumps({"reference": spread, "ours": ours, "margin": FP16_MARGIN}, indent=1))
-    within_spread(ours, spread)
+            json.dumps({**spreads, "margins": FP16_MARGINS}, indent=1))
+    within_spread(spreads)
 
 
 def test_batched_equals_single_within_the_fp16_spread(fp16_runs):
     """Batching same-size images moves the fp16 maps no more than fp16 itself does (same bound)."""
     engine, x = fp16_runs["engine"], fp16_runs["x"].to(DEVICE).half()
-    single = [engine(x[b:b + 1], [LABELS[b]])[0] for b in range(len(LABELS))]
-    ours = compare_runs(pairs(single), pairs(fp16_runs["fp16"]), builtin("voc").box_threshold)
-    within_spread(ours, fp16_runs["spread"])
+    single = pairs([engine(x[b:b + 1], [LABELS[b]])[0] for b in range(len(LABELS))])
+    within_spread(paired_spreads(fp16_runs["reference"], (single, fp16_runs["fp16"]), builtin("voc").box_threshold))
 
 
 def test_torch_crf_on_gpu_agrees_with_the_cpu_and_batches():
@@ -150,6 +165,10 @@ SHORT = ["--set", "schedule.iters=4", "--set", "schedule.warmup_iters=1", "--set
          "--set", f"data.crop={224 if ON_GPU else 32}", "--set", "data.workers=2", "--set", "train.val_every=4",
          "--set", "train.ckpt_every=4", "--set", "train.log_every=1", "--no-progress", "--no-tensorboard"]
 TINY_RESNET = [] if ON_GPU else ["--set", "model.layers=[1,1,1,1]", "--set", "model.base_width=8"]
+# On the CPU the stages run in the precisions a GPU picks by default (CLIP-ES CAMs in fp16, training under bf16
+# autocast), so a dtype leaking out of a half-precision path fails here rather than first on the GPU.
+PRECISION = {"clipes": [] if ON_GPU else ["--precision", "fp16"], "excel": []}
+AMP = [] if ON_GPU else ["--set", "train.amp=bf16"]
 
 
 class Work:
@@ -196,9 +215,9 @@ def test_cams_stage(work, method, precision):
 
     out = work.base / f"cams_{method}"
     run(main, ["--method", method, *work.data(), "--clip", str(work.clip), "--out", str(out), "--device", DEVICE,
-               "--workers", "2", "--batch-size", "4", "--no-progress"])
+               "--workers", "2", "--batch-size", "4", "--no-progress", *PRECISION[method]])
     assert {p.stem for p in out.glob("*.npz")} == set(work.train_ids)
-    assert manifest(out)["config"]["precision"] == (precision if ON_GPU else "float32")  # the method's default
+    assert manifest(out)["config"]["precision"] == precision  # the method's default on a GPU
 
 
 @pytest.mark.parametrize("method", ["clipes", "excel"])
@@ -217,7 +236,8 @@ def test_cams_pseudo_with_the_torch_crf(work):
 
     out = work.base / "cams_pseudo"
     run(main, [*work.data(), "--clip", str(work.clip), "--pseudo-out", str(out), "--no-keep-cams",
-               "--crf-backend", "torch", "--device", DEVICE, "--workers", "2", "--batch-size", "4", "--no-progress"])
+               "--crf-backend", "torch", "--device", DEVICE, "--workers", "2", "--batch-size", "4", "--no-progress",
+               *PRECISION["clipes"]])
     assert pngs(out) == set(work.train_ids)
 
 
@@ -236,7 +256,7 @@ def test_train(work, model):
     out = work.base / "runs" / model
     run(main, ["--config", f"configs/{model}_voc.yaml", "--root", str(work.root), "--split", str(work.train),
                "--val-split", str(work.val), "--out", str(out),
-               "--set", f"train.device={DEVICE}", *SHORT, *extra])
+               "--set", f"train.device={DEVICE}", *SHORT, *AMP, *extra])
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["iteration"] == 4
     last = (out / "log.csv").read_text().splitlines()[-1].split(",")
     header = (out / "log.csv").read_text().splitlines()[0].split(",")

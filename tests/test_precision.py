@@ -9,7 +9,7 @@ from torch import nn
 
 from pipeline.classes import builtin
 from pipeline.clip.model import read_state_dict
-from reference import ReferenceCLIP, box_mask, compare_runs, map_distance, precision_spread
+from reference import ReferenceCLIP, box_mask, compare_runs, map_distance, paired_spreads, precision_spread
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +47,27 @@ def test_map_distance_and_same_boxes():
     assert not np.array_equal(box_mask(cam, 0.4), box_mask(moved, 0.4))
     runs = compare_runs([(cam[None], cam[None])], [(cam[None] + 1, moved[None])], 0.4)
     assert runs["cams"]["maps"] == 0 and runs["init"]["maps"] == 1
+
+
+def test_paired_spreads_compare_the_same_refined_maps_on_both_sides():
+    """A refined map whose boxes change in one pair only is left out of both: the two sides' extremes are
+    then taken over the same maps. Here the map whose boxes jump in the reference differs most in ours."""
+    cam = np.zeros((6, 6), np.float32)
+    cam[1:3, 1:3], cam[4, 4] = 1.0, 0.39
+    moved = cam.copy()
+    moved[4, 4] = 0.41                                   # crosses the 0.4 box threshold: another box
+    steady = np.zeros((6, 6), np.float32)
+    steady[2:4, 2:4] = 1.0
+    a = [(np.stack([cam, steady]), np.stack([cam, steady]))]
+    reference = (a, [(np.stack([cam, steady + 0.01]), np.stack([moved, steady]))])
+    ours = (a, [(np.stack([cam + 0.3, steady + 0.02]), np.stack([cam, steady]))])
+    alone = compare_runs(*ours, 0.4)
+    assert alone["cams"]["maps"] == 2 and alone["cams"]["max_abs"] == pytest.approx(0.3)
+    both = paired_spreads(reference, ours, 0.4)
+    assert both["ours"]["cams"]["maps"] == both["reference"]["cams"]["maps"] == 1
+    assert both["ours"]["cams"]["max_abs"] == pytest.approx(0.02)
+    assert both["reference"]["cams"]["max_abs"] == pytest.approx(0.01)
+    assert both["ours"]["init"] == alone["init"]          # GradCAM maps: all of them, as before
 
 
 def test_reference_fp16_spread_on_the_cpu(tiny_clip_path):

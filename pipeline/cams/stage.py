@@ -164,10 +164,13 @@ def run_cams(cfg: CamsConfig) -> Summary:
         raise ValueError("CAMs straight into pseudo labels run in one process; use torchrun for `make cams` only")
     if not cfg.keep_cams and not cfg.pseudo_out:
         raise ValueError("not keeping the CAM files only makes sense with --pseudo-out")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     method = get_method(cfg.method)
     device, dtype = resolve_device(cfg.device, cfg.precision, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # before NCCL starts, so its barriers use this process's GPU
+        # the backend of the device the CAMs run on: NCCL has no CPU barrier (--device cpu on a GPU machine)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg.precision == "auto" and device.type == "cuda":
         dtype = PRECISIONS[method.CUDA_PRECISION]
     out = check_output_folder(cfg.out)

@@ -55,13 +55,15 @@ class Process:
 
 
 def start(device: str) -> Process:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs) and pick this process's device
-    (``train.device``; 'auto' = its local GPU, else the CPU)."""
+    """Pick this process's device (``train.device``; 'auto' = its local GPU, else the CPU) and join
+    torchrun's process group (NCCL on a GPU, gloo on the CPU)."""
     rank, world, local_rank = dist_env()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(dev)  # before NCCL starts, so its barriers use this process's GPU
         torch.cuda.reset_peak_memory_stats(dev)
+    if world > 1 and not dist.is_initialized():
+        # the backend of the device the process computes on: NCCL reduces no CPU tensors (train.device=cpu
+        # on a machine with GPUs)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Process(rank, world, dev)
