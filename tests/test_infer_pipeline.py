@@ -123,11 +123,11 @@ def test_images_are_decoded_while_the_model_runs_and_written_while_the_next_comp
                                                                                       monkeypatch):
     """The first forward waits until a reader thread has decoded the second image, and the first label's
     write waits until the second image has been predicted: a loop that decodes or writes on the device's
-    thread would wait for itself (and fail after the timeout)."""
+    thread would wait for itself (and fail after the timeout). The confusion is summed off that thread too."""
     d, ds = data
     ids = d["val_ids"][:4]
     cfg = InferConfig(scales=(1.0,), flip=False)
-    want = predict_split(model, ds, ids, tmp_path / "plain", cfg, torch.device("cpu"), progress=False)
+    want = predict_split(model, ds, ids, tmp_path / "plain", cfg, torch.device("cpu"), gt=True, progress=False)
     decoded, second_decoded, second_predicted, predicted = [], threading.Event(), threading.Event(), []
     load_rgb, write_label, predict_image = infer.load_rgb, infer.write_label, infer.predict_image
 
@@ -152,11 +152,21 @@ def test_images_are_decoded_while_the_model_runs_and_written_while_the_next_comp
         assert threading.current_thread() is not threading.main_thread()
         write_label(path, *a)
 
+    from pipeline.eval import metrics
+
+    counted, confusion = [], metrics.confusion_matrix
+
+    def counting(*a):
+        counted.append(threading.current_thread() is threading.main_thread())
+        return confusion(*a)
+
     monkeypatch.setattr(infer, "load_rgb", reading)
     monkeypatch.setattr(infer, "predict_image", predicting)
     monkeypatch.setattr(infer, "write_label", held)
-    res = predict_split(model, ds, ids, tmp_path / "p", cfg, torch.device("cpu"), progress=False)
-    assert res["done"] == 4 and len(decoded) == 4 and not any(decoded)
+    monkeypatch.setattr(metrics, "confusion_matrix", counting)
+    res = predict_split(model, ds, ids, tmp_path / "p", cfg, torch.device("cpu"), gt=True, progress=False)
+    assert res["done"] == 4 and len(decoded) == 4 and not any(decoded) and counted == [False] * 4
+    assert np.array_equal(res["conf"], want["conf"])
     assert all((tmp_path / "p" / f"{i}.png").read_bytes() == (tmp_path / "plain" / f"{i}.png").read_bytes() for i in ids)
     assert want["done"] == 4
 
@@ -195,23 +205,30 @@ def test_disk_full_stops_the_run_with_one_message(data, model, tmp_path, capsys,
 
 
 def test_device_crf_equals_the_host_path_and_follows_its_inputs(data, model, strict_device):
-    """The device CRF (softmax, unary, mean field, argmax on the logits' device) gives the host path's labels
-    here; its unary uses torch's float32 log, which may differ from numpy's in the last bit, so a label may
-    differ at an exact tie. It makes nothing off its inputs' device."""
+    """The device CRF (softmax, unary, mean field, argmax on the logits' device, images in one batch) gives
+    the host path's labels here; its unary uses torch's float32 log, which may differ from numpy's in the last
+    bit, so a label may differ at an exact tie. It makes nothing off its inputs' device."""
     d, ds = data
     cfg = CASES["crf"]
     params, kind = cfg.crf_setup()
+    unaries, guides, want = [], [], []
     for i in d["val_ids"][:3]:
         with Image.open(ds.image_path(i)) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)[: 60 + 5 * len(want)]    # sizes differ
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()
         x = ((x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1))[None]
         logits = msc_logits(model, x, cfg)[0]
-        guide = torch.from_numpy(guide_image(rgb, kind))
+        probs = torch.softmax(logits, 0).numpy()
+        want.append(np.argmax(crf_scores(rgb, probs, params, guide=kind, backend="torch", max_pixels=None), 0))
         with strict_device():
-            label = crf_labels_on_device(logits, guide, params)
-        assert label.device.type == "cpu" and label.dtype == torch.uint8
-        assert np.array_equal(label.numpy(), reference_label(model, ds.image_path(i), cfg)), i
+            unary, finite = infer.device_unary(logits)
+        assert bool(finite) and unary.device.type == "cpu"
+        unaries.append(unary)
+        guides.append(torch.from_numpy(guide_image(rgb, kind)))
+    with strict_device():
+        labels = crf_labels_on_device(unaries, guides, params)
+    assert all(lab.device.type == "cpu" and lab.dtype == torch.uint8 for lab in labels)
+    assert all(np.array_equal(lab.numpy(), w) for lab, w in zip(labels, want))
     # the device path is taken for the torch CRF on an accelerator, for images within the pixel cap only
     assert not device_crf(cfg, torch.device("cpu"), (72, 100))
     assert device_crf(cfg, torch.device("cuda"), (72, 100))
@@ -219,11 +236,43 @@ def test_device_crf_equals_the_host_path_and_follows_its_inputs(data, model, str
     assert not device_crf(InferConfig(crf=True, crf_backend="torch", crf_max_pixels=1000), torch.device("cuda"), (72, 100))
 
 
+def test_device_crf_batches_images_and_records_a_broken_one(data, model, tmp_path, monkeypatch):
+    """predict_split with the CRF on the device (forced here on the CPU): images go through the CRF
+    ``crf_batch`` at a time with the host path's PNGs; an image whose probabilities are not finite is
+    recorded with the host path's message and the others complete."""
+    d, ds = data
+    ids = list(d["val_ids"])
+    cfg = CASES["crf"]
+    host = predict_split(model, ds, ids, tmp_path / "host", cfg, torch.device("cpu"), gt=True, progress=False)
+    batches, unary = [], infer.device_unary
+    crf_labels = infer.crf_labels_on_device
+    monkeypatch.setattr(infer, "device_crf", lambda *a: True)
+    monkeypatch.setattr(infer, "crf_labels_on_device", lambda u, *a: batches.append(len(u)) or crf_labels(u, *a))
+    res = predict_split(model, ds, ids, tmp_path / "dev", cfg, torch.device("cpu"), gt=True, progress=False,
+                        crf_batch=4)
+    assert batches == [4, 2] and res["errors"] == {} and np.array_equal(res["conf"], host["conf"])
+    assert all((tmp_path / "dev" / f"{i}.png").read_bytes() == (tmp_path / "host" / f"{i}.png").read_bytes() for i in ids)
+    calls = []
+
+    def broken_second(logits):
+        calls.append(1)
+        u, finite = unary(logits)
+        return u, finite & (len(calls) != 2)
+
+    monkeypatch.setattr(infer, "device_unary", broken_second)
+    res = predict_split(model, ds, ids, tmp_path / "nan", cfg, torch.device("cpu"), gt=True, progress=False,
+                        crf_batch=4)
+    assert res["errors"] == {ids[1]: "probabilities contain NaN or Inf: the CAMs or model outputs are broken"}
+    assert res["done"] == 5 and not (tmp_path / "nan" / f"{ids[1]}.png").exists()
+    assert all((tmp_path / "nan" / f"{i}.png").read_bytes() == (tmp_path / "host" / f"{i}.png").read_bytes()
+               for i in ids if i != ids[1])
+
+
 @pytest.mark.parametrize("name", ["weclip", "excel", "deeplabv2"])
 def test_mirror_in_one_batch_equals_two_forwards_up_to_rounding(name):
     """``batch_mirror`` (image and mirror as a batch of 2) against two forwards of batch 1, at VOC size with
     random tiny models: equal to float rounding (measured: at most 2.4e-7 on logits near 1, labels equal),
-    not bit for bit, which is why it is off by default."""
+    not bit for bit, which is why it is off on the CPU (on by default on an accelerator)."""
     from pipeline.clip.random import TINY, random_clip
 
     torch.manual_seed(0)
@@ -236,3 +285,22 @@ def test_mirror_in_one_batch_equals_two_forwards_up_to_rounding(name):
     one, both = msc_logits(net, x, cfg), msc_logits(net, x, cfg, batch_mirror=True)
     torch.testing.assert_close(both, one, rtol=0, atol=1e-6)
     assert torch.equal(both.argmax(1), one.argmax(1))
+
+
+def test_device_crf_host_reads_do_not_grow_with_the_batch(data, model, tmp_path, monkeypatch):
+    """CPU proxy for the GPU (``dispatch_count``): with the CRF on the device, 6 images in one CRF batch make
+    as many host reads as 3 do (the finiteness, the CRF's lattice builds, one read of the labels), where
+    the host path reads every image's probabilities and marginals back."""
+    from dispatch_count import count
+
+    d, ds = data
+    cfg = CASES["crf"]
+    run = lambda ids, k, out: predict_split(model, ds, ids, tmp_path / out, cfg, torch.device("cpu"), gt=True,  # noqa: E731
+                                            progress=False, crf_batch=k)
+    host3, _ = count(run, d["val_ids"][:3], 8, "h3")
+    host6, _ = count(run, d["val_ids"], 8, "h6")
+    monkeypatch.setattr(infer, "device_crf", lambda *a: True)
+    three, _ = count(run, d["val_ids"][:3], 3, "d3")
+    six, _ = count(run, d["val_ids"], 6, "d6")
+    assert six.syncs == three.syncs, (three.sync_ops, six.sync_ops)
+    assert host6.syncs >= host3.syncs + 3 * 2, (host3.sync_ops, host6.sync_ops)
