@@ -289,7 +289,7 @@ def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, dev
             unary, finite = device_unary(logits)
             if not finite:
                 raise ValueError(NON_FINITE)
-            guide = torch.from_numpy(guide_image(image_rgb, kind))
+            guide = torch.from_numpy(np.array(guide_image(image_rgb, kind)))
             return crf_labels_on_device([unary], [guide], params)[0].cpu().numpy()
         probs = torch.softmax(logits, dim=0).cpu().numpy()
         q = crf_refine(image_rgb, probs, params, kind, cfg.crf_backend, device, cfg.crf_max_pixels)
@@ -352,8 +352,8 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
 # --------------------------------------------------------------------------------- split runners
 def prepare(dataset, image_id: str, cfg: InferConfig, device: torch.device, classes: int | None) -> dict[str, Any]:
     """One image read for ``predict_split`` (in a reader thread): {image uint8 (H, W, 3), mask uint8 (H, W) or
-    None, x normalised (1, 3, H, W) host tensor (pinned for an asynchronous copy to CUDA), guide (H, W, 3)
-    uint8 when the CRF runs on the device, else None}. ``classes``: foreground classes of the mask to read
+    None, x normalised (1, 3, H, W) host tensor, guide (H, W, 3) uint8 host tensor when the CRF runs on the
+    device, else None (tensors pinned for an asynchronous copy to CUDA)}. ``classes``: foreground classes of the mask to read
     (None: no mask). ``ValueError`` / ``OSError`` for an unreadable image or mask."""
     from ..data.datasets import read_mask
 
@@ -367,8 +367,11 @@ def prepare(dataset, image_id: str, cfg: InferConfig, device: torch.device, clas
         if mask.shape != image.shape[:2]:
             raise ValueError(f"{path}: mask size {mask.shape} differs from the image {image.shape[:2]}")
     x = normalize(image, cfg.normalize)[None]
-    guide = guide_image(image, cfg.crf_setup()[1]) if device_crf(cfg, device, image.shape[:2]) else None
-    return {"image": image, "mask": mask, "x": x.pin_memory() if device.type == "cuda" else x, "guide": guide}
+    guide = None
+    if device_crf(cfg, device, image.shape[:2]):   # a copy: the decoded array is read-only
+        guide = torch.from_numpy(np.array(guide_image(image, cfg.crf_setup()[1])))
+    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)  # noqa: E731
+    return {"image": image, "mask": mask, "x": pin(x), "guide": None if guide is None else pin(guide)}
 
 
 def read_ahead(load: Callable[[str], Any], ids: Sequence[str], threads: int, ahead: int):
@@ -468,7 +471,7 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
         waiting.clear()
         if not kept:
             return
-        labels = crf_labels_on_device([w[2] for w in kept], [torch.from_numpy(w[1]["guide"]) for w in kept], params)
+        labels = crf_labels_on_device([w[2] for w in kept], [w[1]["guide"] for w in kept], params)
         flat = torch.cat([lab.reshape(-1) for lab in labels]).cpu().numpy()
         for (image_id, item, *_), label in zip(kept, np.split(flat, np.cumsum([lab.numel() for lab in labels])[:-1])):
             finish(image_id, item, label.reshape(item["image"].shape[:2]))
