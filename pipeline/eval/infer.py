@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -26,9 +28,11 @@ from torch import nn
 
 from .. import checkpoint as ckpt_io
 from ..classes import IGNORE_INDEX
-from ..labels.crf import BACKENDS, DEFAULT_MAX_PIXELS, CRFParams, crf_scores, preset, resolve_backend, scores_argmax
+from ..labels.crf import (BACKENDS, DEFAULT_MAX_PIXELS, CRFParams, capped_size, crf_scores, guide_image, preset,
+                          resolve_backend, scores_argmax)
+from ..labels.crf.torch_backend import dense_crf_images
 from ..data.image import load_rgb
-from ..io import write_bytes
+from ..io import BackgroundWriter, write_bytes
 from ..data.labelio import FORMATS, write_label
 from ..data.segdata import normalize
 from .viz import overlay
@@ -181,11 +185,29 @@ def patch_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_patch_logits(x[..., :H // p * p, :W // p * p]).float()
 
 
+def views_logits(forward: Callable[[torch.Tensor], torch.Tensor], xs: torch.Tensor, mirror: bool,
+                 batch_mirror: bool) -> torch.Tensor:
+    """xs (1, 3, h, w) -> logits (1, C, h', w'): ``forward(xs)``, averaged with the mirror's (flipped back)
+    when ``mirror``; ``batch_mirror`` runs both views as one batch of 2 (equal up to float rounding, see
+    ``msc_logits``)."""
+    if not mirror:
+        return forward(xs)
+    if batch_mirror:
+        both = forward(torch.cat([xs, xs.flip(-1)]))
+        return (both[:1] + both[1:].flip(-1)) / 2
+    return (forward(xs) + forward(xs.flip(-1)).flip(-1)) / 2
+
+
 @torch.no_grad()
-def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Tensor:
+def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig, batch_mirror: bool = False) -> torch.Tensor:
     """x (1, 3, H, W) normalised -> logits (1, C, H, W): mean over scales of (logits + flipped logits)/2
     (logits alone at ``unflipped_scales``), averaged at the image size or, with ``average_at: logits``,
-    at the first scale's patch-logit grid and then resized once."""
+    at the first scale's patch-logit grid and then resized once.
+
+    ``batch_mirror``: each scale's image and its mirror in one forward of batch 2 (fewer, fuller launches on
+    a GPU). Equal to two forwards of batch 1 only up to float rounding (a batch may take other kernels;
+    measured on the CPU with tiny WeCLIP, ExCEL and DeepLab models at VOC size: at most 2.4e-7 on logits
+    near 1, no label changed); whole images only (a sliding window keeps batch 1)."""
     H, W = x.shape[-2:]
     base = x
     if cfg.long_side:
@@ -202,9 +224,8 @@ def msc_logits(model: nn.Module, x: torch.Tensor, cfg: InferConfig) -> torch.Ten
             xs = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         else:
             xs = base if s == 1.0 else F.interpolate(base, scale_factor=s, mode="bilinear", align_corners=False)
-        logits = forward(xs)
-        if cfg.flip and s not in cfg.unflipped_scales:
-            logits = (logits + forward(xs.flip(-1)).flip(-1)) / 2
+        whole = cfg.window is None or max(xs.shape[-2:]) <= cfg.window
+        logits = views_logits(forward, xs, cfg.flip and s not in cfg.unflipped_scales, batch_mirror and whole)
         if total is None and cfg.average_at == "logits":
             size = logits.shape[-2:]
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -221,14 +242,57 @@ def crf_refine(image_rgb: np.ndarray, probs: np.ndarray, params: CRFParams, guid
                       max_pixels=max_pixels)
 
 
-def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, device: torch.device) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> uint8 (H, W) label map (0 background, c + 1 class c)."""
-    x = normalize(image_rgb, cfg.normalize)[None].to(device)
-    logits = msc_logits(model, x, cfg)[0]
+def device_crf(cfg: InferConfig, device: torch.device, size: tuple[int, int]) -> bool:
+    """Whether an image of ``size`` (H, W) keeps its probabilities on ``device`` for the CRF: the torch
+    backend on an accelerator and no down-scaling by ``crf_max_pixels`` (cv2's area resize is the host
+    path's). On the CPU the host path already is the device's."""
+    return (cfg.crf and cfg.crf_backend == "torch" and device.type != "cpu"
+            and capped_size(*size, cfg.crf_max_pixels) == tuple(size))
+
+
+NON_FINITE = "probabilities contain NaN or Inf: the CAMs or model outputs are broken"
+
+
+@torch.no_grad()
+def device_unary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (C, H, W) -> (unary -log(clip(softmax, 1e-5, 1)) float32 (C, H, W), 0-dim bool: all
+    probabilities finite), on the logits' device without a host read. The host path's ``crf.unary_energy``
+    in torch's float32 log, which may differ from numpy's in the last bit."""
+    probs = torch.softmax(logits.float(), dim=0)
+    return -torch.log(probs.clamp(1e-5, 1)), torch.isfinite(probs).all()
+
+
+@torch.no_grad()
+def crf_labels_on_device(unaries: Sequence[torch.Tensor], guides: Sequence[torch.Tensor],
+                         params: CRFParams) -> list[torch.Tensor]:
+    """Finite unaries (C, H_i, W_i) and guides (H_i, W_i, 3) uint8 on one device -> uint8 (H_i, W_i) argmax of
+    each image's CRF marginals (first maximum on ties, as ``np.argmax``), in one batch
+    (``dense_crf_images``: each image's marginals equal its own CRF's)."""
+    dev = unaries[0].device
+    qs = dense_crf_images(unaries, [g.to(dev, non_blocking=True) for g in guides], params)
+    return [q.argmax(dim=0).to(torch.uint8) for q in qs]
+
+
+def predict_image(model: nn.Module, image_rgb: np.ndarray, cfg: InferConfig, device: torch.device,
+                  x: torch.Tensor | None = None, batch_mirror: bool = False) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (H, W) label map (0 background, c + 1 class c).
+
+    ``x``: the image already normalised (1, 3, H, W) on the host (``prepare``; made here when not given).
+    With ``device_crf`` the softmax, CRF and argmax stay on the device and only the label is read back.
+    ``batch_mirror``: see ``msc_logits``."""
+    if x is None:
+        x = normalize(image_rgb, cfg.normalize)[None]
+    logits = msc_logits(model, x.to(device, non_blocking=True), cfg, batch_mirror)[0]
     if cfg.crf:
+        params, kind = cfg.crf_setup()
+        if device_crf(cfg, device, image_rgb.shape[:2]):
+            unary, finite = device_unary(logits)
+            if not finite:
+                raise ValueError(NON_FINITE)
+            guide = torch.from_numpy(np.array(guide_image(image_rgb, kind)))
+            return crf_labels_on_device([unary], [guide], params)[0].cpu().numpy()
         probs = torch.softmax(logits, dim=0).cpu().numpy()
-        params, guide = cfg.crf_setup()
-        q = crf_refine(image_rgb, probs, params, guide, cfg.crf_backend, device, cfg.crf_max_pixels)
+        q = crf_refine(image_rgb, probs, params, kind, cfg.crf_backend, device, cfg.crf_max_pixels)
         return scores_argmax(q, image_rgb.shape[:2])[0].astype(np.uint8)
     return logits.argmax(dim=0).byte().cpu().numpy()
 
@@ -286,22 +350,87 @@ def load_model(checkpoint: str | Path | Mapping[str, Any], device: str | torch.d
 
 
 # --------------------------------------------------------------------------------- split runners
+def prepare(dataset, image_id: str, cfg: InferConfig, device: torch.device, classes: int | None) -> dict[str, Any]:
+    """One image read for ``predict_split`` (in a reader thread): {image uint8 (H, W, 3), mask uint8 (H, W) or
+    None, x normalised (1, 3, H, W) host tensor, guide (H, W, 3) uint8 host tensor when the CRF runs on the
+    device, else None (tensors pinned for an asynchronous copy to CUDA)}. ``classes``: foreground classes of the mask to read
+    (None: no mask). ``ValueError`` / ``OSError`` for an unreadable image or mask."""
+    from ..data.datasets import read_mask
+
+    image = load_rgb(dataset.image_path(image_id))
+    mask = None
+    if classes is not None:
+        path = dataset.mask_path(image_id)
+        if path is None:
+            raise FileNotFoundError(f"image {image_id}: no ground-truth mask to evaluate against")
+        mask = read_mask(Path(path), classes)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"{path}: mask size {mask.shape} differs from the image {image.shape[:2]}")
+    x = normalize(image, cfg.normalize)[None]
+    guide = None
+    if device_crf(cfg, device, image.shape[:2]):   # a copy: the decoded array is read-only
+        guide = torch.from_numpy(np.array(guide_image(image, cfg.crf_setup()[1])))
+    pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)  # noqa: E731
+    return {"image": image, "mask": mask, "x": pin(x), "guide": None if guide is None else pin(guide)}
+
+
+def read_ahead(load: Callable[[str], Any], ids: Sequence[str], threads: int, ahead: int):
+    """Yield (id, load(id) or the ``ValueError`` / ``OSError`` it raised) in ``ids`` order, ``load`` running
+    in ``threads`` threads at most ``ahead`` ids ahead of the consumer (decoding releases the GIL)."""
+    from collections import deque
+
+    def guarded(image_id):
+        try:
+            return load(image_id)
+        except (ValueError, OSError) as e:
+            return e
+
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="reader")
+    try:
+        rest = iter(ids)
+        pending = deque((i, pool.submit(guarded, i)) for _, i in zip(range(max(1, ahead)), rest))
+        while pending:
+            image_id, fut = pending.popleft()
+            for i in rest:
+                pending.append((i, pool.submit(guarded, i)))
+                break
+            yield image_id, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_overlay(path: Path, label: np.ndarray, image: np.ndarray, image_id: str) -> None:
+    """The labels blended over the image, as a JPEG at ``path`` (atomic)."""
+    ok, jpg = cv2.imencode(".jpg", overlay(label, image)[..., ::-1])
+    if not ok:
+        raise ValueError(f"image {image_id}: could not encode its overlay")
+    write_bytes(path, jpg.tobytes())
+
+
 def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | Path, cfg: InferConfig,
                   device: torch.device, fmt: str = "palette", gt: bool = False, overwrite: bool = True,
-                  progress: bool = True, overlay_dir: str | Path | None = None) -> dict[str, Any]:
+                  progress: bool = True, overlay_dir: str | Path | None = None, readers: int = 4,
+                  writers: int = 4, batch_mirror: bool | None = None, crf_batch: int = 8) -> dict[str, Any]:
     """Predict every id; writes ``<out_dir>/<id>.png`` (``fmt`` palette/gray) atomically, and with
     ``overlay_dir`` a JPEG of the labels blended over the image. With ``gt`` the prediction is
     compared with the dataset's mask (confusion summed in 'conf').
 
+    The device does not wait for files: ``readers`` threads decode images and masks ahead of it (in id
+    order), ``writers`` threads encode and write the outputs (``io.BackgroundWriter``) and one thread sums
+    the confusion matrix (a prediction out of range is recorded as today's was). An image or mask
+    that cannot be read, or a prediction that fails, is recorded in 'errors' and the rest go on; a failed
+    write (a full disk) stops the run with its ``OSError``. With the CRF on the device (``device_crf``) the
+    logits of ``crf_batch`` images wait on the device and go through one CRF together (each image's labels
+    equal its own CRF's), then one host read of their labels. ``batch_mirror``: see ``msc_logits``; None: on
+    an accelerator (equal to batch 1 up to float rounding), off on the CPU (byte-identical PNGs).
+
     Returns {total, done, failed, seconds, images_per_s, conf (or None), errors {id: message}}."""
     from tqdm import tqdm
 
-    from ..data.datasets import read_mask
+    from .metrics import confusion_matrix
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    from .metrics import confusion_matrix
-
     out_dir = Path(out_dir) if out_dir is not None else None
     n = dataset.classes.num_classes + 1
     conf = np.zeros((n, n), np.int64) if gt else None
@@ -310,31 +439,68 @@ def predict_split(model: nn.Module, dataset, ids: Sequence[str], out_dir: str | 
     if cfg.average_at == "logits":
         require_patch_logits(model)                  # once, not as an error on every image
     model.eval()
-    for image_id in tqdm(ids, desc="predict", unit="img", disable=not progress, dynamic_ncols=True):
+    load = lambda image_id: prepare(dataset, image_id, cfg, device, n - 1 if gt else None)  # noqa: E731
+    mirror = device.type != "cpu" if batch_mirror is None else batch_mirror
+    params = cfg.crf_setup()[0]
+    waiting: list[tuple[str, dict, torch.Tensor, torch.Tensor]] = []   # (id, item, unary, finite) for the CRF
+
+    def count(image_id: str, label: np.ndarray, mask: np.ndarray) -> None:
+        """In the one confusion thread: the only writer of ``conf``, off the device's thread."""
         try:
-            image = load_rgb(dataset.image_path(image_id))
-            mask = None
-            if gt:
-                path = dataset.mask_path(image_id)
-                if path is None:
-                    raise FileNotFoundError(f"image {image_id}: no ground-truth mask to evaluate against")
-                mask = read_mask(Path(path), n - 1)
-                if mask.shape != image.shape[:2]:
-                    raise ValueError(f"{path}: mask size {mask.shape} differs from the image {image.shape[:2]}")
-            label = predict_image(model, image, cfg, device)
-            if out_dir is not None:
-                target = out_dir / f"{image_id}.png"
-                if overwrite or not target.exists():
-                    write_label(target, label, fmt)
-            if overlay_dir is not None:
-                ok, jpg = cv2.imencode(".jpg", overlay(label, image)[..., ::-1])
-                if not ok:
-                    raise ValueError(f"image {image_id}: could not encode its overlay")
-                write_bytes(Path(overlay_dir) / f"{image_id}.jpg", jpg.tobytes())
-            if mask is not None:
-                conf += confusion_matrix(label, mask, n, IGNORE_INDEX)
-        except (ValueError, OSError) as e:
+            np.add(conf, confusion_matrix(label, mask, n, IGNORE_INDEX), out=conf)
+        except ValueError as e:
             errors[image_id] = str(e)
+
+    def finish(image_id: str, item: dict, label: np.ndarray) -> None:
+        if out_dir is not None:
+            target = out_dir / f"{image_id}.png"
+            if overwrite or not target.exists():
+                writer.submit(write_label, target, label, fmt)
+        if overlay_dir is not None:
+            writer.submit(write_overlay, Path(overlay_dir) / f"{image_id}.jpg", label, item["image"], image_id)
+        if item["mask"] is not None:
+            tallies.append(tally.submit(count, image_id, label, item["mask"]))
+
+    def flush() -> None:
+        """The waiting images through one device CRF; one host read of their finiteness, one of their labels."""
+        finite = torch.stack([w[3] for w in waiting]).tolist()
+        for (image_id, *_), ok in zip(waiting, finite):
+            if not ok:
+                errors[image_id] = NON_FINITE
+        kept = [w for w, ok in zip(waiting, finite) if ok]
+        waiting.clear()
+        if not kept:
+            return
+        labels = crf_labels_on_device([w[2] for w in kept], [w[1]["guide"] for w in kept], params)
+        flat = torch.cat([lab.reshape(-1) for lab in labels]).cpu().numpy()
+        for (image_id, item, *_), label in zip(kept, np.split(flat, np.cumsum([lab.numel() for lab in labels])[:-1])):
+            finish(image_id, item, label.reshape(item["image"].shape[:2]))
+
+    tallies: list[Future] = []
+    with closing(read_ahead(load, ids, readers, 2 * max(1, readers))) as items, BackgroundWriter(writers) as writer, \
+            ThreadPoolExecutor(1, thread_name_prefix="confusion") as tally:
+        for image_id, item in tqdm(items, total=len(ids), desc="predict", unit="img", disable=not progress,
+                                   dynamic_ncols=True):
+            if isinstance(item, BaseException):
+                errors[image_id] = str(item)
+                continue
+            try:
+                if item["guide"] is not None:   # device CRF: batched with the next images', no host read yet
+                    logits = msc_logits(model, item["x"].to(device, non_blocking=True), cfg, mirror)[0]
+                    waiting.append((image_id, item, *device_unary(logits)))
+                else:
+                    label = predict_image(model, item["image"], cfg, device, item["x"], mirror)
+            except (ValueError, OSError) as e:
+                errors[image_id] = str(e)
+                continue
+            if item["guide"] is None:
+                finish(image_id, item, label)
+            elif len(waiting) >= crf_batch:
+                flush()
+        if waiting:
+            flush()
+    for t in tallies:
+        t.result()                                   # a failure other than a recorded ValueError: raised here
     seconds = time.perf_counter() - t0
     return {"total": len(ids), "done": len(ids) - len(errors), "failed": len(errors), "seconds": round(seconds, 3),
             "images_per_s": round(len(ids) / seconds, 3) if seconds > 0 else None, "conf": conf, "errors": errors}
