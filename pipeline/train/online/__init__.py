@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Protocol, Self, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ class OnlineSettings:
     """Base of a method's settings (a frozen dataclass), read from the ``online`` config section."""
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], box_threshold: float) -> Self:
+    def from_dict(cls, d: Mapping[str, Any], box_threshold: float) -> OnlineSettings:
         """The section's keys that are fields here (null ones keep the defaults); ``box_threshold`` where
         the section sets none."""
         names = {f.name for f in fields(cls)}
