@@ -6,8 +6,8 @@ On a random CLIP of the true ViT-B/16 shapes written to disk (``pipeline.clip.ra
   beyond the fp16 noise; the torch dense CRF agrees with the CPU and batches;
 - every stage runs end to end on the GPU in its default precision, through its real entry point
   (``stages.*.main``), on small synthetic VOC-layout data with schedules of a few iterations: CAMs by both
-  methods, pseudo labels and cams-pseudo with the torch CRF, training of weclip, weclip-online, excel and
-  deeplab, predict, and evaluation with the CRF.
+  methods, pseudo labels and cams-pseudo with the torch CRF, training of weclip, weclip-online, excel,
+  deeplab and weclip-plus (a random DINOv2 ViT-S/14), predict, and evaluation with the CRF.
 
 ``CLIP_WSSS_TEST_DEVICE=cpu`` runs the same tests on the CPU (a check of the tests themselves where no GPU is
 at hand, about 1.5-3 minutes): the stages with a tiny CLIP and a tiny ResNet but in the precisions a GPU picks
@@ -33,6 +33,7 @@ from pipeline.classes import builtin
 from pipeline.clip.model import load_clip, read_state_dict
 from pipeline.clip.random import TINY, VIT_B_16, random_clip, save_clip
 from pipeline.data import synthetic
+from pipeline.dino.random import TINY as TINY_DINO, VIT_S_14, random_dino, save_dino
 from reference import paired_spreads, precision_runs
 
 DEVICE = os.environ.get("CLIP_WSSS_TEST_DEVICE", "cuda")
@@ -183,6 +184,8 @@ class Work:
         self.train, self.val = base / "train.txt", base / "val.txt"
         self.train.write_text("\n".join(train) + "\n")
         self.val.write_text("\n".join(val) + "\n")
+        self.dino = save_dino(random_dino(VIT_S_14 if ON_GPU else TINY_DINO, seed=2),
+                              base / "dinov2_vits14_pretrain.pth")  # WeCLIP+'s default backbone, random
         self.images = base / "photos"
         self.images.mkdir()
         for i in val:
@@ -244,15 +247,17 @@ def test_cams_pseudo_with_the_torch_crf(work):
 TRAIN = {"weclip": ["--pseudo", "pseudo_clipes", "--clip", "CLIP"],
          "weclip-online": ["--clip", "CLIP", "--set", "online.switch_iter=2"],   # both label phases in 4 iterations
          "excel": ["--clip", "CLIP", "--set", "online.switch_iter=2", "--set", "online.segmentation_targets_from=3"],
-         "deeplab": ["--pseudo", "pseudo_clipes", *TINY_RESNET]}
+         "deeplab": ["--pseudo", "pseudo_clipes", *TINY_RESNET],
+         # the replacement of confident pixels (and the Dice and cross-branch losses) from the third iteration
+         "weclip-plus": ["--clip", "CLIP", "--set", "model.dino=DINO", "--set", "online.replace_from=3"]}
 
 
 @pytest.mark.parametrize("model", list(TRAIN))
 def test_train(work, model):
     from stages.train import main
 
-    extra = [str(work.base / a) if a.startswith("pseudo_") else str(work.clip) if a == "CLIP" else a
-             for a in TRAIN[model]]
+    extra = [str(work.base / a) if a.startswith("pseudo_") else str(work.clip) if a == "CLIP" else
+             a.replace("DINO", str(work.dino)) for a in TRAIN[model]]
     out = work.base / "runs" / model
     run(main, ["--config", f"configs/{model}_voc.yaml", "--root", str(work.root), "--split", str(work.train),
                "--val-split", str(work.val), "--out", str(out),
